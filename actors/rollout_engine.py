@@ -1,0 +1,158 @@
+"""RolloutEngine: one Ray actor hosting one vLLM `AsyncLLM`, with vLLM's weight-transfer API exposed.
+
+It generates G completions per prompt (the whole group on this engine, so it stays together),
+with the engine's log-prob of every sampled token and the policy version(s) that produced them,
+and receives new weights through `init_weight_transfer_engine` / `start_weight_update` /
+`update_weights` / `finish_weight_update`, driven by the learner's sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from typing import Any
+
+import ray
+
+from cluster.records import Completion, Prompt
+
+
+@ray.remote
+class RolloutEngine:
+    """A vLLM engine on its own placement-group bundle (its own GPU(s), or its own cores on CPU)."""
+
+    def __init__(
+        self,
+        engine_id: int,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 256,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        weight_transfer_backend: str = "gloo",
+        initial_version: int = 0,
+    ) -> None:
+        # vLLM reads the CPU settings (threads, KV cache) from the environment, set per actor by the driver.
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from actors.weight_receiver import register
+
+        register()
+        self.engine_id = engine_id
+        self.version = initial_version
+        self.in_flight = 0
+        args = AsyncEngineArgs(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            # The learner recomputes log-probs of the tempered distribution, so compare like with like.
+            logprobs_mode="processed_logprobs",
+            weight_transfer_config={"backend": weight_transfer_backend},
+            worker_extension_cls="actors.weight_receiver.DigestWorkerExtension",
+            disable_log_stats=True,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+
+    def ready(self) -> dict:
+        return {"engine_id": self.engine_id, "pid": os.getpid(), "version": self.version}
+
+    async def generate(
+        self, prompts: list[Prompt], group_size: int, sampling: dict[str, Any]
+    ) -> list[list[Completion]]:
+        """G completions for each prompt; returns one list (a group) per prompt, in order."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        # FINAL_ONLY: a streamed output with n > 1 carries only the children that changed.
+        # No per-request seed: it kills the CPU engine (ENVIRONMENT.md); the engine seed is set at start.
+        params = SamplingParams(
+            n=group_size, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY, **sampling
+        )
+        self.in_flight += len(prompts)
+        try:
+            return list(await asyncio.gather(*(self._one(p, params) for p in prompts)))
+        finally:
+            self.in_flight -= len(prompts)
+
+    async def _one(self, prompt: Prompt, params) -> list[Completion]:
+        version_start = self.version
+        final = None
+        async for out in self.engine.generate(prompt.text, params, request_id=uuid.uuid4().hex):
+            final = out
+        version_end = self.version
+        if len(final.outputs) != params.n:
+            raise RuntimeError(f"engine returned {len(final.outputs)} completions for a group of {params.n}")
+        group = []
+        for c in final.outputs:
+            lps = [float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs)]
+            group.append(
+                Completion(
+                    prompt_index=prompt.index,
+                    prompt_token_ids=list(final.prompt_token_ids),
+                    token_ids=list(c.token_ids),
+                    logprobs=lps,
+                    text=c.text,
+                    finish_reason=c.finish_reason or "abort",
+                    version_start=version_start,
+                    version_end=version_end,
+                    engine_id=self.engine_id,
+                )
+            )
+        return group
+
+    def load(self) -> int:
+        """Prompts in flight: the driver sends new work to the least-loaded engine."""
+        return self.in_flight
+
+    # ---- vLLM's weight-transfer API, as the learner's sender drives it ----
+    async def init_weight_transfer_engine(self, init_info: dict) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+
+    async def start_weight_update(self) -> None:
+        await self.engine.start_weight_update()
+
+    async def update_weights(self, update_info: dict) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+
+    async def finish_weight_update(self, weight_version: str | None = None) -> None:
+        await self.engine.finish_weight_update(weight_version=weight_version)
+        if weight_version is not None:
+            self.version = int(weight_version)
+
+    async def set_version(self, weight_version: str) -> None:
+        await self.engine.update_weight_version(weight_version)
+        self.version = int(weight_version)
+
+    async def weight_version(self) -> int:
+        reported = await self.engine.get_weight_version()
+        return int(reported) if str(reported).isdigit() else self.version
+
+    async def received_digest(self) -> list[str | None]:
+        """sha256 of the bytes each worker received in the last update (one per TP rank)."""
+        return await self.engine.collective_rpc("duet_received_digest")
+
+    async def weight_checksums(self) -> list[dict[str, str]]:
+        """vLLM's own per-parameter sha256, in its fused layout: comparable between engines."""
+        return await self.engine.compute_weight_checksums()
+
+    async def pause(self, mode: str = "keep") -> None:
+        await self.engine.pause_generation(mode=mode, clear_cache=False)
+
+    async def resume(self) -> None:
+        await self.engine.resume_generation()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,173 @@
+"""A gloo weight-transfer engine for vLLM, so CPU runs use the same start/update/finish path as NCCL.
+
+vLLM 0.32 ships NCCL/IPC engines only. This registers a `gloo` pair with vLLM's own factories
+(`WeightTransferEngineFactory` for the receiving workers, `WeightTransferTrainerFactory` for the
+learner), following the NCCL engine's lifecycle: `start_weight_update` opens vLLM's layerwise reload,
+received tensors go to `model.load_weights`, `finish_weight_update` finalizes it.
+
+Written by hand because vLLM has no CPU transport; the wire format is ours:
+parameters are packed, in metadata order, into byte buckets of at most `bucket_bytes`
+(a parameter larger than a bucket travels alone), one gloo broadcast per bucket. Both ends hash
+each bucket's bytes (sha256), so the driver can prove the engines received exactly what was sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+
+BACKEND = "gloo"
+
+
+@dataclass
+class GlooWeightTransferInitInfo(WeightTransferInitInfo):
+    master_address: str
+    master_port: int
+    rank_offset: int  # this engine's first rank in the transfer group (the learner is rank 0)
+    world_size: int
+    bucket_bytes: int
+    timeout_s: float = 600.0
+
+
+@dataclass
+class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+
+
+def plan_buckets(nbytes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Group parameter indices, in order, into buckets of at most `bucket_bytes` (one oversize
+    parameter makes a bucket of its own). Sender and receivers derive the same plan from metadata."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, n in enumerate(nbytes):
+        if current and size + n > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def param_nbytes(dtype: torch.dtype, shape: list[int] | tuple[int, ...]) -> int:
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def digest_of(bucket_digests: list[str]) -> str:
+    return hashlib.sha256("".join(bucket_digests).encode()).hexdigest()
+
+
+def open_group(address: str, port: int, rank: int, world_size: int, timeout_s: float):
+    """A gloo group outside the default process group, so it never collides with vLLM's or DeepSpeed's."""
+    store = torch.distributed.TCPStore(
+        address,
+        port,
+        world_size,
+        is_master=rank == 0,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+    group = torch.distributed.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
+    return store, group
+
+
+class GlooWeightTransferEngine(
+    WeightTransferEngine[GlooWeightTransferInitInfo, GlooWeightTransferUpdateInfo]
+):
+    """Receiving side, one per vLLM worker."""
+
+    init_info_cls = GlooWeightTransferInitInfo
+    update_info_cls = GlooWeightTransferUpdateInfo
+    supports_draft_weight_update = False
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.group = None
+        self.store = None
+        self.bucket_bytes = 0
+        self.last_digest: str | None = None
+
+    def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
+        rank = init_info.rank_offset + self.parallel_config.rank
+        self.bucket_bytes = init_info.bucket_bytes
+        self.store, self.group = open_group(
+            init_info.master_address, init_info.master_port, rank, init_info.world_size, init_info.timeout_s
+        )
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+        self.last_digest = None
+        self._bucket_digests: list[str] = []
+
+    def receive_weights(self, update_info: GlooWeightTransferUpdateInfo) -> None:
+        if self.group is None:
+            raise RuntimeError("gloo weight transfer not initialised: call init_weight_transfer_engine first")
+        dtypes = [getattr(torch, d) for d in update_info.dtype_names]
+        sizes = [param_nbytes(d, s) for d, s in zip(dtypes, update_info.shapes)]
+        for bucket in plan_buckets(sizes, self.bucket_bytes):
+            buf = torch.empty(sum(sizes[i] for i in bucket), dtype=torch.uint8)
+            self.group.broadcast(buf, 0).wait()
+            self._bucket_digests.append(hashlib.sha256(buf.numpy().tobytes()).hexdigest())
+            tensors, offset = [], 0
+            for i in bucket:
+                t = buf[offset : offset + sizes[i]].view(dtypes[i]).view(update_info.shapes[i])
+                tensors.append((update_info.names[i], t.to(self.device)))
+                offset += sizes[i]
+            self.model.load_weights(tensors)
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        # The base class synchronises the accelerator, which a CPU-only worker does not have.
+        self.receive_weights(self.parse_update_info(update_info))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+        self.last_digest = digest_of(self._bucket_digests)
+
+    def shutdown(self) -> None:
+        self.group = None
+        self.store = None
+
+
+class DigestWorkerExtension:
+    """Mixed into vLLM's worker (`worker_extension_cls`) to read back what the receiver hashed."""
+
+    def duet_received_digest(self) -> str | None:
+        engine = getattr(self, "weight_transfer_engine", None)
+        return getattr(engine, "last_digest", None)
+
+
+_registered = False
+
+
+def register() -> None:
+    """vLLM plugin entry point (`vllm.general_plugins`): runs in every vLLM process, maybe twice."""
+    global _registered
+    if _registered:
+        return
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(BACKEND, GlooWeightTransferEngine)
+    _registered = True

@@ -1,0 +1,348 @@
+"""The one config schema of duet-rl.
+
+Every field is documented and validated here; a bad value fails before any actor starts, with the
+dotted name of the field in the message. Load from YAML, apply a preset, then `a.b=value` overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    seed: int = Field(0, description="Seed for the dataset order, sampling and the learner.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA + NCCL where GPUs exist, else CPU + gloo."
+    )
+    run_dir: str | None = Field(None, description="Output folder; default: a new folder under runs/.")
+    progress: bool = Field(True, description="Show a progress line per step on stderr.")
+    cpu_cores: int | None = Field(
+        None, ge=1, description="CPU cores to plan with on CPU runs; default: os.cpu_count()."
+    )
+
+
+class ModelConfig(_Section):
+    path: str | None = Field(
+        None,
+        description="Hugging Face model folder or hub id. None: build (once, cached) the tiny offline "
+        "Llama and warm-start it on the synthetic task.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype in the engines and the learner."
+    )
+    cache_dir: str = Field(
+        "~/.cache/duet-rl", description="Where the tiny model and its warm start are cached."
+    )
+    warm_start_steps: int = Field(
+        120, ge=0, description="Supervised steps that warm-start the tiny model (0: none)."
+    )
+
+
+class DataConfig(_Section):
+    path: str | None = Field(
+        None, description="JSONL or Parquet file of problems. None: the synthetic arithmetic task."
+    )
+    problem_field: str = Field("problem", description="Field holding the problem text.")
+    answer_field: str = Field("answer", description="Field holding the reference answer.")
+    source_field: str = Field("source", description="Field naming the data source (optional in rows).")
+    prompt_template: str = Field(
+        "{problem}", description="Python format string that turns a problem into the engine's prompt."
+    )
+    synthetic_problems: int = Field(
+        2000, ge=1, description="Number of synthetic problems (when path is None)."
+    )
+    synthetic_max_operand: int = Field(9, ge=1, description="Largest operand of the synthetic additions.")
+    shuffle: bool = Field(True, description="Shuffle the prompt order each epoch (seeded).")
+
+
+class RolloutConfig(_Section):
+    num_engines: int = Field(1, ge=1, description="Number of RolloutEngine actors (vLLM engines).")
+    gpus_per_engine: int = Field(
+        1, ge=1, description="GPUs per engine (tensor parallel size); ignored on CPU."
+    )
+    group_size: int = Field(2, description="Completions per prompt (G). 2 is 2-GRPO; must be >= 2.")
+    prompts_per_step: int = Field(64, ge=1, description="Prompts whose groups make one optimizer step.")
+    max_tokens: int = Field(16, ge=1, description="Largest completion length, in tokens.")
+    max_model_len: int = Field(256, ge=16, description="Prompt + completion length limit, in tokens.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for training rollouts.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    top_k: int = Field(-1, ge=-1, description="Top-k sampling (-1: off).")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="Share of each engine GPU's memory vLLM may take."
+    )
+    cpu_kvcache_gib: int = Field(
+        1, ge=1, description="KV cache per engine on CPU, in GiB (whole GiB: vLLM reads an int)."
+    )
+    cpu_threads_bind: str = Field(
+        "auto",
+        description="vLLM CPU thread binding: 'auto' gives each engine its own cores, "
+        "else passed as VLLM_CPU_OMP_THREADS_BIND (e.g. '0-1', 'nobind').",
+    )
+    enforce_eager: bool = Field(True, description="Skip CUDA graphs / compilation (fast start).")
+
+    @model_validator(mode="after")
+    def _group(self) -> RolloutConfig:
+        if self.group_size < 2:
+            raise ValueError(
+                f"rollout.group_size must be >= 2 (got {self.group_size}): a group of one has no "
+                "baseline, so its advantage is always zero"
+            )
+        return self
+
+
+class RewardsConfig(_Section):
+    num_workers: int = Field(2, ge=1, description="RewardPool size (Ray actors), independent of engines.")
+    timeout_s: float = Field(
+        5.0, gt=0.0, le=5.0, description="Hard per-item time limit; the child process is killed past it."
+    )
+    memory_limit_mib: int = Field(
+        1024, ge=64, description="Address-space cap of each verifier child process, in MiB."
+    )
+    max_completion_chars: int = Field(
+        20000, ge=1, description="Longer completions score 0 as too_long without being parsed."
+    )
+    math_weight: float = Field(1.0, ge=0.0, description="Weight of the math-verify reward.")
+    format_weight: float = Field(
+        0.0, ge=0.0, description="Weight of the format reward (exactly one \\boxed{...})."
+    )
+    custom_function: str | None = Field(
+        None, description="'package.module:function' used as the 'custom' verifier."
+    )
+    verifier: Literal["math", "custom", "remote"] = Field(
+        "math", description="Verifier used for training rewards."
+    )
+    remote_url: str | None = Field(None, description="Base URL of a duet reward server (remote).")
+    remote_token: str | None = Field(None, description="Bearer token for the remote reward server.")
+    remote_concurrency: int = Field(4, ge=1, description="Concurrent requests to the remote server.")
+    remote_retries: int = Field(2, ge=0, description="Retries per remote request.")
+    percent_as_fraction: bool = Field(
+        True, description="Score '50\\%' equal to '0.5' (math-verify's percentage handling)."
+    )
+    answer_extraction: Literal["last_boxed", "math_verify"] = Field(
+        "last_boxed",
+        description="How the math verifier finds the answer: the last \\boxed{...} (no box: no_answer), "
+        "or math-verify's own extraction over the whole completion (LaTeX, 'final answer is', numbers).",
+    )
+
+
+class AlgorithmConfig(_Section):
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = Field(
+        "grpo", description="Advantage estimator (see README, Algorithm)."
+    )
+    std: Literal["population", "sample"] = Field(
+        "population", description="grpo only: population std (paper) or Bessel's (veRL, TRL)."
+    )
+    scale: Literal["group", "batch", "none"] = Field(
+        "group", description="grpo only: which rewards the std is taken over."
+    )
+    eps: float = Field(1e-6, ge=0.0, description="Added to the std in grpo's denominator.")
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="Ratio lower bound is 1 - clip_low.")
+    clip_high: float = Field(0.28, ge=0.0, description="Ratio upper bound is 1 + clip_high.")
+    dual_clip: float | None = Field(
+        None, gt=1.0, description="Dual-clip bound c for negative advantages (None: off)."
+    )
+    kl_coef: float = Field(0.0, ge=0.0, description="β of the KL term; 0 loads no reference model.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
+    tis_cap: float | None = Field(
+        None, gt=0.0, description="Truncated importance weight cap between engine and learner log-probs."
+    )
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "seq_mean_token_mean", description="How per-token losses become one number."
+    )
+    length_norm: int | None = Field(
+        None, ge=1, description="Constant of seq_mean_token_sum_norm; default rollout.max_tokens."
+    )
+    filter_tied: bool = Field(True, description="Drop groups whose rewards all tie (no gradient).")
+    refill: bool = Field(
+        False, description="Replace dropped groups with fresh prompts so the batch keeps its size."
+    )
+    max_refill_rounds: int = Field(4, ge=1, description="Refill generation rounds per step, at most.")
+    overlong: Literal["none", "mask", "penalty"] = Field(
+        "none", description="Completions cut at max_tokens: kept, masked out, or penalised."
+    )
+    overlong_penalty: float = Field(1.0, ge=0.0, description="Reward subtracted when overlong=penalty.")
+
+
+class LearnerConfig(_Section):
+    num_ranks: int = Field(1, ge=1, description="DeepSpeed ranks (one Ray actor each).")
+    gpus_per_rank: int = Field(1, ge=1, description="GPUs per learner rank; ignored on CPU.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(
+        3e-4,
+        gt=0.0,
+        description="Adam learning rate. The default suits the tiny model; the paper: 1e-6 (16-GRPO), 8e-6 (2-GRPO).",
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Gradient norm clip.")
+    micro_batch_size: int = Field(
+        64, ge=1, description="Sequences per forward/backward on one rank (gradient accumulation)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    broadcast_bucket_mib: float = Field(
+        64.0, gt=0.0, description="Packed bucket size of the weight broadcast, in MiB."
+    )
+
+
+class TrainConfig(_Section):
+    steps: int = Field(80, ge=1, description="Optimizer steps (policy versions) to run.")
+    max_staleness_versions: int = Field(
+        0, ge=0, description="0: synchronous on-policy loop. k>0: async, data at most k versions old."
+    )
+    queue_capacity_groups: int = Field(
+        1024, ge=1, description="ReplayQueue capacity, in groups; engines wait when it is full."
+    )
+    check_weights_every_steps: int = Field(
+        1, ge=0, description="Compare engine and learner weights after every N-th broadcast (0: never)."
+    )
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(0, ge=0, description="Save every N steps (0: only at the end).")
+    keep: int = Field(2, ge=1, description="Checkpoints to keep.")
+    final: bool = Field(True, description="Save a checkpoint and HF export at the end of the run.")
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+
+# ---- presets: one word names a whole algorithm setting (README, Presets) ----
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's 2-GRPO: population std (±1 pairs), clip-higher, tied pairs dropped.
+    "2-grpo": {
+        "rollout": {"group_size": 2},
+        "algorithm": {
+            "advantage": "grpo",
+            "std": "population",
+            "clip_low": 0.2,
+            "clip_high": 0.28,
+            "aggregation": "seq_mean_token_mean",
+            "filter_tied": True,
+        },
+    },
+    # The paper's baseline: 16 rollouts per prompt, 1/8 the prompts, 1/8 the learning rate.
+    "16-grpo": {
+        "rollout": {"group_size": 16},
+        "algorithm": {
+            "advantage": "grpo",
+            "std": "population",
+            "clip_low": 0.2,
+            "clip_high": 0.28,
+            "aggregation": "seq_mean_token_mean",
+            "filter_tied": True,
+        },
+    },
+    # Dr. GRPO (Liu et al., 2025): no std, constant length normaliser.
+    "dr-grpo": {
+        "algorithm": {"advantage": "dr_grpo", "aggregation": "seq_mean_token_sum_norm", "filter_tied": True},
+    },
+    # DAPO (Yu et al., 2025): clip-higher, token-mean, dynamic sampling, overlong masking.
+    "dapo": {
+        "rollout": {"group_size": 16},
+        "algorithm": {
+            "advantage": "grpo",
+            "std": "sample",
+            "clip_low": 0.2,
+            "clip_high": 0.28,
+            "aggregation": "token_mean",
+            "filter_tied": True,
+            "refill": True,
+            "overlong": "mask",
+        },
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field."""
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    # YAML parsing gives ints, floats, bools, null and lists the same spelling as the config file.
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    preset: str | None = None,
+) -> Config:
+    """Build the config: defaults < preset < YAML file < `dotted.name=value` overrides."""
+    tree: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        tree = _deep_merge(tree, PRESETS[preset])
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        file_preset = loaded.pop("preset", None)
+        if file_preset is not None:
+            if file_preset not in PRESETS:
+                raise ConfigError(f"{path}: unknown preset {file_preset!r}; choose one of {sorted(PRESETS)}")
+            tree = _deep_merge(PRESETS[file_preset], tree)
+        tree = _deep_merge(tree, loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw)
+    return validate_tree(tree)
+
+
+def validate_tree(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            lines.append(f"{where}: {msg}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def config_reference() -> str:
+    """Markdown table of every field: the README's config reference is generated from this."""
+    rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for section_name, section_field in Config.model_fields.items():
+        section_cls = section_field.annotation
+        for name, f in section_cls.model_fields.items():
+            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            default = f.default if f.default is not None else "null"
+            rows.append(f"| `{section_name}.{name}` | `{ann}` | `{default}` | {f.description} |")
+    return "\n".join(rows)

@@ -1,0 +1,126 @@
+"""RolloutFleet: the driver's handle on N RolloutEngine actors, each in its own placement group.
+
+Changing the fleet (a dead engine replaced, engines added or removed) always goes the same way:
+form the new set, re-open the weight-transfer group with the learner, push the current weights,
+and only then hand the engines prompts. So an engine never generates with stale weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.rollout_engine import RolloutEngine
+from cluster.config import Config
+from cluster.placement import Plan
+from cluster.records import Prompt
+
+
+class RolloutFleet:
+    def __init__(self, cfg: Config, plan: Plan, model_path: str) -> None:
+        self.cfg, self.plan, self.model_path = cfg, plan, model_path
+        self.engines: list = []
+        self.groups: list = []  # one placement group per engine
+        self.ids: list[int] = []
+        self.next_id = 0
+        self.events: list[dict] = []  # replacements and scaling, for metrics.jsonl
+
+    @property
+    def workers_per_engine(self) -> int:
+        return self.cfg.rollout.gpus_per_engine if self.plan.device == "cuda" else 1
+
+    def _start_one(self, version: int):
+        i = self.next_id
+        self.next_id += 1
+        bundle = self.plan.engine_bundles[min(i, len(self.plan.engine_bundles) - 1)]
+        env = dict(self.plan.engine_env[i % len(self.plan.engine_env)])
+        env.update(VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
+        pg = placement_group([bundle])
+        ray.get(pg.ready())
+        r = self.cfg.rollout
+        engine = RolloutEngine.options(
+            num_cpus=bundle.get("CPU", 1),
+            num_gpus=bundle.get("GPU", 0) if r.gpus_per_engine == 1 else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+            runtime_env={"env_vars": env},
+            max_concurrency=64,
+        ).remote(
+            i,
+            self.model_path,
+            dtype=self.cfg.model.dtype,
+            max_model_len=r.max_model_len,
+            tensor_parallel_size=r.gpus_per_engine if self.plan.device == "cuda" else 1,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            enforce_eager=r.enforce_eager,
+            seed=self.cfg.run.seed + i,
+            weight_transfer_backend=self.plan.weight_transfer,
+            initial_version=version,
+        )
+        return i, engine, pg
+
+    def start(self, n: int, version: int = 0) -> None:
+        started = [self._start_one(version) for _ in range(n)]
+        ray.get([e.ready.remote() for _, e, _ in started])
+        for i, e, pg in started:
+            self.ids.append(i)
+            self.engines.append(e)
+            self.groups.append(pg)
+
+    def sampling(self) -> dict:
+        r = self.cfg.rollout
+        return {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_tokens": r.max_tokens}
+
+    def submit(self, prompts: list[Prompt], group_size: int) -> list[tuple[int, list[Prompt], ray.ObjectRef]]:
+        """Spread prompts over the engines, least-loaded first; a prompt's whole group goes to one engine."""
+        loads = ray.get([e.load.remote() for e in self.engines])
+        chunks: list[list[Prompt]] = [[] for _ in self.engines]
+        for p in prompts:
+            k = min(range(len(loads)), key=lambda j: loads[j])
+            chunks[k].append(p)
+            loads[k] += 1
+        return [
+            (k, chunk, self.engines[k].generate.remote(chunk, group_size, self.sampling()))
+            for k, chunk in enumerate(chunks)
+            if chunk
+        ]
+
+    def replace(self, k: int, reason: str, version: int) -> None:
+        """Start a new engine in slot k (its old placement group released)."""
+        old_id = self.ids[k]
+        try:
+            ray.kill(self.engines[k])
+        except Exception:  # already dead
+            pass
+        remove_placement_group(self.groups[k])
+        i, e, pg = self._start_one(version)
+        ray.get(e.ready.remote())
+        self.ids[k], self.engines[k], self.groups[k] = i, e, pg
+        self.events.append(
+            {"time": time.time(), "event": "engine_replaced", "old": old_id, "new": i, "reason": reason}
+        )
+
+    def versions(self) -> list[int]:
+        return ray.get([e.weight_version.remote() for e in self.engines])
+
+    def received_digests(self) -> list[str | None]:
+        out = []
+        for per_worker in ray.get([e.received_digest.remote() for e in self.engines]):
+            out.extend(per_worker)
+        return out
+
+    def checksums(self) -> list:
+        return ray.get([e.weight_checksums.remote() for e in self.engines])
+
+    def shutdown(self) -> None:
+        for e in self.engines:
+            try:
+                ray.get(e.shutdown.remote(), timeout=30)
+            except Exception:
+                pass
+            ray.kill(e)
+        for pg in self.groups:
+            remove_placement_group(pg)
+        self.engines, self.groups, self.ids = [], [], []

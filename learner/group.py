@@ -1,0 +1,164 @@
+"""LearnerGroup: K LearnerWorker ranks on their placement-group bundles, driven as one learner.
+
+It turns scored groups into per-sequence training rows (advantages from `learner.advantages`),
+shards them across ranks balanced by tokens, and runs one optimizer step on every rank.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import ray
+import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import Config
+from cluster.records import ScoredGroup
+from learner.advantages import compute_advantages
+from learner.losses import overlong_adjust
+from learner.worker import LearnerWorker
+
+
+@ray.remote(num_cpus=0)
+def _free_endpoint() -> tuple[str, int]:
+    """An address and a free port on the node that will host rank 0 (run inside its bundle)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def build_rows(groups: list[ScoredGroup], cfg: Config) -> tuple[list[dict], dict[str, float]]:
+    """One training row per completion, with its group-relative advantage."""
+    algo = cfg.algorithm
+    rewards, group_ids, reasons, comps = [], [], [], []
+    for g_id, g in enumerate(groups):
+        for c, r in zip(g.completions, g.rewards):
+            rewards.append(r)
+            group_ids.append(g_id)
+            reasons.append(c.finish_reason)
+            comps.append(c)
+    r = torch.tensor(rewards, dtype=torch.float64)
+    r, keep = overlong_adjust(r, reasons, algo.overlong, algo.overlong_penalty)
+    adv = compute_advantages(r, torch.tensor(group_ids), algo.advantage, algo.std, algo.scale, algo.eps)
+    rows = [
+        {
+            "prompt_ids": c.prompt_token_ids,
+            "completion_ids": c.token_ids,
+            "behaviour_logprobs": c.logprobs,
+            "advantage": float(a),
+            "keep": bool(k) and len(c.token_ids) > 0,
+        }
+        for c, a, k in zip(comps, adv.tolist(), keep.tolist())
+    ]
+    stats = {"train/advantage_abs_mean": float(adv.abs().mean()) if len(adv) else 0.0}
+    return rows, stats
+
+
+class LearnerGroup:
+    def __init__(
+        self,
+        cfg: Config,
+        model_path: str,
+        placement_group,
+        device: str,
+        threads: int | None = None,
+        bundle_offset: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        k = cfg.learner.num_ranks
+        strategy = PlacementGroupSchedulingStrategy(
+            placement_group, placement_group_bundle_index=bundle_offset
+        )
+        address, port = ray.get(_free_endpoint.options(scheduling_strategy=strategy).remote())
+        gpus = cfg.learner.gpus_per_rank if device == "cuda" else 0
+        self.workers = [
+            LearnerWorker.options(
+                num_cpus=1,
+                num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group, placement_group_bundle_index=bundle_offset + rank
+                ),
+            ).remote(
+                rank,
+                k,
+                address,
+                port,
+                model_path,
+                cfg.learner.model_dump(),
+                {
+                    **cfg.algorithm.model_dump(),
+                    "length_norm": cfg.algorithm.length_norm or cfg.rollout.max_tokens,
+                },
+                cfg.rollout.temperature,
+                cfg.model.dtype,
+                device,
+                cfg.run.seed,
+                threads,
+            )
+            for rank in range(k)
+        ]
+        ray.get([w.ready.remote() for w in self.workers])
+
+    def train_step(self, groups: list[ScoredGroup]) -> dict[str, float]:
+        rows, stats = build_rows(groups, self.cfg)
+        agg = self.cfg.algorithm.aggregation
+        units = [(len(r["completion_ids"]) if agg == "token_mean" else 1) if r["keep"] else 0 for r in rows]
+        denominator = float(max(sum(units), 1))
+        shards: list[list[dict]] = [[] for _ in self.workers]
+        loads = [0] * len(self.workers)
+        # Longest first onto the least-loaded rank: ranks finish their forward/backward together.
+        for row in sorted(rows, key=lambda r: -(len(r["prompt_ids"]) + len(r["completion_ids"]))):
+            i = loads.index(min(loads))
+            shards[i].append(row)
+            loads[i] += len(row["prompt_ids"]) + len(row["completion_ids"])
+        results = ray.get([w.train_step.remote(s, denominator) for w, s in zip(self.workers, shards)])
+        tokens = sum(r["train/tokens"] for r in results) or 1.0
+        for key in results[0]:
+            if key == "train/loss":
+                stats[key] = sum(r[key] for r in results)
+            elif key in ("train/grad_norm",):
+                stats[key] = results[0][key]
+            elif key == "time/train_rank_s":
+                stats[key] = max(r[key] for r in results)
+            elif key == "train/tokens":
+                stats[key] = tokens
+            else:
+                stats[key] = sum(r[key] * r["train/tokens"] for r in results) / tokens
+        return stats
+
+    def init_broadcast(self, engines: list, workers_per_engine: int, backend: str) -> None:
+        address, port = ray.get(_free_endpoint.remote())
+        bucket = int(self.cfg.learner.broadcast_bucket_mib * (1 << 20))
+        ray.get(
+            [
+                w.init_broadcast.remote(engines, address, port, workers_per_engine, backend, bucket)
+                for w in self.workers
+            ]
+        )
+
+    def broadcast(self, version: int) -> dict[str, Any]:
+        results = ray.get([w.broadcast.remote(version) for w in self.workers])
+        return results[0]
+
+    def shutdown_broadcast(self) -> None:
+        ray.get([w.shutdown_broadcast.remote() for w in self.workers])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return ray.get([w.full_state_dict.remote() for w in self.workers])[0]
+
+    def perturb(self, scale: float, seed: int) -> None:
+        ray.get([w.perturb.remote(scale, seed) for w in self.workers])
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        ray.get([w.save_checkpoint.remote(directory, tag, client_state) for w in self.workers])
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict:
+        return ray.get([w.load_checkpoint.remote(directory, tag) for w in self.workers])[0]
+
+    def export_hf(self, directory: str, tokenizer_from: str) -> None:
+        ray.get([w.export_hf.remote(directory, tokenizer_from) for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)

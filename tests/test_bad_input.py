@@ -1,0 +1,82 @@
+"""Bad input fails before any actor starts, with a message that names the field or the row."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from cluster.cli import main
+from cluster.config import ConfigError, load_config
+from tests.conftest import REPO, duet_cmd
+
+
+def _fails(capsys, *argv: str) -> str:
+    import ray
+
+    assert main(["train", "--dry-run", *argv]) == 2
+    assert not ray.is_initialized(), "no Ray (and so no actor) may start for a bad config"
+    return capsys.readouterr().err
+
+
+def test_unknown_field_is_named(capsys):
+    err = _fails(capsys, "rollout.group_sise=4")
+    assert "rollout.group_sise" in err and "unknown field" in err
+
+
+def test_unknown_section_is_named(capsys):
+    assert "rollouts" in _fails(capsys, "rollouts.group_size=4")
+
+
+@pytest.mark.parametrize("g", ["0", "-2", "1"])
+def test_group_size_below_two(capsys, g):
+    err = _fails(capsys, f"rollout.group_size={g}")
+    assert "rollout.group_size" in err and ">= 2" in err
+
+
+def test_wrong_type_is_named(capsys):
+    err = _fails(capsys, "learner.lr=fast")
+    assert "learner.lr" in err
+
+
+def test_missing_model_path(capsys, tmp_path):
+    err = _fails(capsys, f"model.path={tmp_path / 'no-such-model'}")
+    assert "model.path" in err and "no-such-model" in err
+
+
+def test_row_without_answer_is_named(capsys, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    rows = [{"problem": "1+1=", "answer": "2"}, {"problem": "2+2=", "answer": "4"}, {"problem": "3+3="}]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    err = _fails(capsys, f"data.path={data}")
+    assert "row 2" in err and "answer" in err
+
+
+def test_malformed_json_row_is_named(capsys, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"problem": "1+1=", "answer": "2"}\n{"problem": oops}\n')
+    assert "row 1" in _fails(capsys, f"data.path={data}")
+
+
+def test_yaml_and_overrides_compose(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("preset: 16-grpo\nrollout:\n  prompts_per_step: 8\nlearner:\n  lr: 2.0e-5\n")
+    cfg = load_config(cfg_file, ["learner.lr=3e-5"])
+    assert cfg.rollout.group_size == 16 and cfg.rollout.prompts_per_step == 8 and cfg.learner.lr == 3e-5
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(preset="3-grpo")
+
+
+def test_dry_run_prints_plan():
+    out = subprocess.run(
+        duet_cmd("train", "--dry-run", "rollout.num_engines=2"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "RolloutEngine 1" in out and "LearnerWorker rank 0" in out

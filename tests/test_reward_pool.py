@@ -1,0 +1,182 @@
+"""RewardPool on a real local Ray cluster: real RewardWorker actors, real sandbox children.
+
+The fault tests kill a worker actor in the middle of a batch (ray.kill, and SIGKILL of its pid) and
+check the two promises that matter to the trainer: every item gets exactly one result, in order,
+and the pool replaced the worker and keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import ray
+
+from cluster.config import RewardsConfig
+from cluster.records import VerifyItem, VerifyResult
+from rewards.pool import RewardPool
+
+TIMEOUT_S = 1.0
+SLOW = "\\boxed{" + "(" * 60 + "1" + ")" * 60 + "}"  # math-verify needs far more than TIMEOUT_S
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> None:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster: None) -> RewardPool:
+    p = RewardPool(RewardsConfig(num_workers=2, timeout_s=TIMEOUT_S))
+    yield p
+    p.shutdown()
+
+
+def numbered(n: int, slow_every: int = 0) -> tuple[list[VerifyItem], list[str]]:
+    """Items whose expected reason is known per index: correct, wrong, no_answer, or timeout."""
+    items, expected = [], []
+    for i in range(n):
+        if slow_every and i % slow_every == slow_every - 1:
+            items.append(VerifyItem(SLOW, "1"))
+            expected.append("timeout")
+        elif i % 3 == 0:
+            items.append(VerifyItem(f"so \\boxed{{{i}}}", str(i)))
+            expected.append("correct")
+        elif i % 3 == 1:
+            items.append(VerifyItem(f"so \\boxed{{{i + 1}}}", str(i)))
+            expected.append("wrong")
+        else:
+            items.append(VerifyItem(f"I think it is {i}", str(i)))
+            expected.append("no_answer")
+    return items, expected
+
+
+def check(results: list[VerifyResult], expected: list[str]) -> None:
+    assert len(results) == len(expected)
+    got = [r.reason for r in results]
+    assert got == expected
+
+
+def test_score_keeps_order_and_answers_every_item(pool: RewardPool) -> None:
+    items, expected = numbered(120, slow_every=40)
+    t0 = time.perf_counter()
+    results = pool.score(items)
+    check(results, expected)
+    assert all(r.reward == (1.0 if r.reason == "correct" else 0.0) for r in results)
+    assert time.perf_counter() - t0 < 30
+    assert pool.score([]) == []
+    assert pool.num_workers == 2
+
+
+def test_score_async_overlaps(pool: RewardPool) -> None:
+    a_items, a_expected = numbered(40)
+    b_items, b_expected = numbered(30, slow_every=15)
+    ha, hb = pool.score_async(a_items), pool.score_async(b_items)
+    check(pool.wait(hb), b_expected)
+    check(pool.wait(ha), a_expected)
+
+
+def test_remote_items_without_server_are_errors_not_exceptions(pool: RewardPool) -> None:
+    results = pool.score([VerifyItem("\\boxed{1}", "1", verifier="remote"), VerifyItem("\\boxed{1}", "1")])
+    assert results[0].reason.startswith("error: remote") and results[1].reason == "correct"
+
+
+def _kill_mid_batch(pool: RewardPool, how: str) -> None:
+    items, expected = numbered(60, slow_every=6)  # ~10 timeouts: the batch lasts a few seconds
+    n_replaced = len(pool.replaced)
+    victim = pool.workers[0]
+    pid = pool.worker_pids()[0]
+
+    def kill() -> None:
+        if how == "ray.kill":
+            ray.kill(victim, no_restart=True)
+        else:
+            os.kill(pid, signal.SIGKILL)
+
+    timer = threading.Timer(1.5, kill)
+    timer.start()
+    t0 = time.perf_counter()
+    results = pool.score(items)
+    timer.join()
+    assert time.perf_counter() - t0 > 1.5, "the batch ended before the kill: it did not test anything"
+    check(results, expected)  # every item exactly once, in order, with its real verdict (retried)
+    assert len(pool.replaced) == n_replaced + 1
+    entry = pool.replaced[-1]
+    assert entry["worker"] == 0 and entry["reason"].startswith("died") and entry["time"] > 0
+    assert pool.worker_pids()[0] != pid
+    more, more_expected = numbered(20)
+    check(pool.score(more), more_expected)  # and the pool keeps serving on the replacement
+
+
+def test_ray_kill_worker_mid_batch(pool: RewardPool) -> None:
+    _kill_mid_batch(pool, "ray.kill")
+
+
+def test_sigkill_worker_pid_mid_batch(pool: RewardPool) -> None:
+    _kill_mid_batch(pool, "os.kill")
+
+
+def test_item_that_kills_its_worker_twice_scores_worker_died(ray_cluster: None) -> None:
+    """A poison item kills every worker that runs it: retried once, then `error: worker died`."""
+    cfg = RewardsConfig(
+        num_workers=1, timeout_s=TIMEOUT_S, custom_function="tests.test_verifiers:custom_kills_parent"
+    )
+    p = RewardPool(cfg, chunk_size=1)
+    try:
+        items = [
+            VerifyItem("fine", "x", "custom"),
+            VerifyItem("KILL-PARENT", "x", "custom"),
+            VerifyItem("\\boxed{2}", "2"),
+        ]
+        results = p.score(items)
+        assert [r.reason for r in results] == ["correct", "error: worker died", "correct"]
+        assert len(p.replaced) == 2 and all(e["worker"] == 0 for e in p.replaced)
+    finally:
+        p.shutdown()
+
+
+def test_remote_items_go_to_the_reward_server(ray_cluster: None) -> None:
+    """verifier="remote" items leave the workers for a real `python -m rewards.server`, in order."""
+    from tests.test_reward_server import ROOT, free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rewards.server", "--port", str(port), "--workers", "1", "--token", "t0k"],
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    p = None
+    try:
+        deadline = time.monotonic() + 60
+        while not _healthy(url):
+            assert server.poll() is None and time.monotonic() < deadline, "reward server did not start"
+            time.sleep(0.2)
+        cfg = RewardsConfig(num_workers=1, timeout_s=TIMEOUT_S, remote_url=url, remote_token="t0k")
+        p = RewardPool(cfg)
+        items, expected = numbered(12)
+        mixed = [
+            VerifyItem(it.completion, it.reference, "remote" if i % 2 else "math")
+            for i, it in enumerate(items)
+        ]
+        check(p.score(mixed), expected)
+    finally:
+        if p is not None:
+            p.shutdown()
+        server.terminate()
+        server.wait(timeout=15)
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
