@@ -46,6 +46,7 @@ class RolloutEngine:
         self.engine_id = engine_id
         self.version = initial_version
         self.in_flight = 0
+        self.update_active = False
         args = AsyncEngineArgs(
             model=model_path,
             dtype=dtype,
@@ -66,31 +67,56 @@ class RolloutEngine:
         return {"engine_id": self.engine_id, "pid": os.getpid(), "version": self.version}
 
     async def generate(
-        self, prompts: list[Prompt], group_size: int, sampling: dict[str, Any]
+        self,
+        prompts: list[Prompt],
+        group_size: int,
+        sampling: dict[str, Any],
+        deterministic: bool = False,
+        seed: int | None = None,
     ) -> list[list[Completion]]:
-        """G completions for each prompt; returns one list (a group) per prompt, in order."""
+        """G completions for each prompt; returns one list (a group) per prompt, in order.
+
+        `deterministic`: hold the scheduler while the whole batch is added and the sampler is reseeded with
+        `seed`, so the engine schedules it as one batch whatever the arrival timing and samples it from a
+        known generator state: the same weights and prompts then give the same tokens (what makes a
+        resumed run retrace its original).
+        """
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         # FINAL_ONLY: a streamed output with n > 1 carries only the children that changed.
-        # No per-request seed: it kills the CPU engine (ENVIRONMENT.md); the engine seed is set at start.
+        # No per-request seed: it kills the CPU engine (ENVIRONMENT.md).
         params = SamplingParams(
             n=group_size, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY, **sampling
         )
         self.in_flight += len(prompts)
+        version_start = self.version
         try:
-            return list(await asyncio.gather(*(self._one(p, params) for p in prompts)))
+            if deterministic:
+                await self.engine.pause_generation(mode="keep", clear_cache=False)
+            try:
+                queues = [await self.engine.add_request(uuid.uuid4().hex, p.text, params) for p in prompts]
+                if deterministic and seed is not None:
+                    await self.engine.collective_rpc("duet_reseed", args=(seed,))
+            finally:
+                if deterministic:
+                    await self.engine.resume_generation()
+            finals = await asyncio.gather(*(self._final(q) for q in queues))
         finally:
             self.in_flight -= len(prompts)
+        groups = [self._group(p, out, version_start) for p, out in zip(prompts, finals)]
+        if any(len(g) != group_size for g in groups):
+            raise RuntimeError(f"a group came back with fewer than {group_size} completions")
+        return groups
 
-    async def _one(self, prompt: Prompt, params) -> list[Completion]:
-        version_start = self.version
-        final = None
-        async for out in self.engine.generate(prompt.text, params, request_id=uuid.uuid4().hex):
-            final = out
-        version_end = self.version
-        if len(final.outputs) != params.n:
-            raise RuntimeError(f"engine returned {len(final.outputs)} completions for a group of {params.n}")
+    @staticmethod
+    async def _final(queue):
+        while True:
+            out = queue.get_nowait() or await queue.get()
+            if out.finished:
+                return out
+
+    def _group(self, prompt: Prompt, final, version_start: int) -> list[Completion]:
         group = []
         for c in final.outputs:
             lps = [float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs)]
@@ -103,7 +129,7 @@ class RolloutEngine:
                     text=c.text,
                     finish_reason=c.finish_reason or "abort",
                     version_start=version_start,
-                    version_end=version_end,
+                    version_end=self.version,
                     engine_id=self.engine_id,
                 )
             )
@@ -120,7 +146,11 @@ class RolloutEngine:
         await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
     async def start_weight_update(self) -> None:
-        await self.engine.start_weight_update()
+        # Idempotent: if a broadcast broke off (another engine died), this engine is still inside its
+        # update; the driver's full re-broadcast then completes that same update.
+        if not self.update_active:
+            await self.engine.start_weight_update()
+            self.update_active = True
 
     async def update_weights(self, update_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
@@ -129,6 +159,7 @@ class RolloutEngine:
 
     async def finish_weight_update(self, weight_version: str | None = None) -> None:
         await self.engine.finish_weight_update(weight_version=weight_version)
+        self.update_active = False
         if weight_version is not None:
             self.version = int(weight_version)
 
@@ -147,6 +178,9 @@ class RolloutEngine:
     async def weight_checksums(self) -> list[dict[str, str]]:
         """vLLM's own per-parameter sha256, in its fused layout: comparable between engines."""
         return await self.engine.compute_weight_checksums()
+
+    async def reseed(self, seed: int) -> None:
+        await self.engine.collective_rpc("duet_reseed", args=(seed,))
 
     async def pause(self, mode: str = "keep") -> None:
         await self.engine.pause_generation(mode=mode, clear_cache=False)

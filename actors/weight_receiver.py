@@ -151,11 +151,20 @@ class GlooWeightTransferEngine(
 
 
 class DigestWorkerExtension:
-    """Mixed into vLLM's worker (`worker_extension_cls`) to read back what the receiver hashed."""
+    """Mixed into vLLM's worker (`worker_extension_cls`): read back what the receiver hashed, and reseed."""
 
     def duet_received_digest(self) -> str | None:
         engine = getattr(self, "weight_transfer_engine", None)
         return getattr(engine, "last_digest", None)
+
+    def duet_reseed(self, seed: int) -> None:
+        """Reset the sampler's generator. Per-request seeds kill the CPU engine, so the driver reseeds the
+        worker before each synchronous step instead: the same step then samples the same tokens, which
+        makes a resumed run retrace the run it continues."""
+        import random
+
+        random.seed(seed)
+        torch.manual_seed(seed)
 
 
 _registered = False

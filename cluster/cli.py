@@ -1,6 +1,9 @@
 """`duet`: the command line.
 
-duet train [--config FILE] [--preset NAME] [--run-dir DIR] [--dry-run] [section.field=value ...]
+duet train [--config FILE] [--preset NAME] [--run-dir DIR] [--resume RUN_DIR] [--dry-run] [section.field=value ...]
+duet eval --model PATH --dataset FILE [--samples-per-prompt n] [--temperature t]
+duet submit --address http://HEAD:8265 [--config FILE] [overrides]    then: duet logs JOB_ID | duet stop JOB_ID
+duet status [--url URL]        duet scale --engines N [--url URL]
 duet serve-reward [--host 127.0.0.1] [--port N] [--token T]
 """
 
@@ -37,11 +40,21 @@ def _train(argv: list[str]) -> int:
     ap.add_argument("--config", help="YAML config file")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="named algorithm preset")
     ap.add_argument("--run-dir", help="output folder (default: a new folder under runs/)")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last complete checkpoint")
     ap.add_argument(
         "--dry-run", action="store_true", help="resolve and check the config, print the placement plan"
     )
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.group_size=4")
     args = ap.parse_args(argv)
+    if args.resume:
+        if args.config or args.preset:
+            print(
+                "duet train: --resume takes the run's own config (RUN_DIR/config.yaml); add overrides only",
+                file=sys.stderr,
+            )
+            return 2
+        args.config = str(Path(args.resume) / "config.yaml")
+        args.run_dir = args.resume
     try:
         cfg = load_config(args.config, args.overrides, args.preset)
         n_prompts = check_runnable(cfg)
@@ -58,20 +71,35 @@ def _train(argv: list[str]) -> int:
         )
         print(make_plan(cfg).describe())
         return 0
-    from cluster.driver import train
+    from cluster.driver import RunStopped, train
 
-    run_dir = train(cfg, args.run_dir)
+    try:
+        run_dir = train(cfg, args.run_dir, resume=bool(args.resume))
+    except RunStopped as e:
+        print(f"duet train: {e}", file=sys.stderr)
+        return 1
     print(f"run written to {run_dir}")
     return 0
 
 
-def _serve_reward(argv: list[str]) -> int:
-    from rewards.server import serve_reward_main
+# Subcommands live next to what they drive; imported only when called (a fast `duet --help`).
+COMMANDS = {
+    "train": "cluster.cli:_train",
+    "eval": "cluster.evaluation:eval_main",
+    "submit": "cluster.jobs:submit_main",
+    "logs": "cluster.jobs:logs_main",
+    "stop": "cluster.jobs:stop_main",
+    "status": "cluster.control:status_main",
+    "scale": "cluster.control:scale_main",
+    "serve-reward": "rewards.server:serve_reward_main",
+}
 
-    return serve_reward_main(argv)
 
+def _resolve(target: str):
+    import importlib
 
-COMMANDS = {"train": _train, "serve-reward": _serve_reward}
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    return COMMANDS[argv[0]](argv[1:])
+    return _resolve(COMMANDS[argv[0]])(argv[1:])
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ class RunConfig(_Section):
     )
     run_dir: str | None = Field(None, description="Output folder; default: a new folder under runs/.")
     progress: bool = Field(True, description="Show a progress line per step on stderr.")
+    ray_metrics: bool = Field(True, description="Export metrics through ray.util.metrics (Ray dashboard).")
     cpu_cores: int | None = Field(
         None, ge=1, description="CPU cores to plan with on CPU runs; default: os.cpu_count()."
     )
@@ -211,6 +212,43 @@ class CheckpointConfig(_Section):
     final: bool = Field(True, description="Save a checkpoint and HF export at the end of the run.")
 
 
+class EvalConfig(_Section):
+    path: str | None = Field(
+        None,
+        description="Held-out JSONL/Parquet file. None with the synthetic task: a held-out synthetic set.",
+    )
+    every_steps: int = Field(
+        0, ge=0, description="Evaluate every N training steps (0: never during training)."
+    )
+    samples_per_prompt: int = Field(4, ge=1, description="n of avg@n and pass@k (k <= n).")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature for evaluation.")
+    top_p: float = Field(0.8, gt=0.0, le=1.0, description="Nucleus sampling threshold for evaluation.")
+    top_k: int = Field(20, ge=-1, description="Top-k for evaluation (-1: off).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Completion length limit; default rollout.max_tokens."
+    )
+    max_prompts: int | None = Field(None, ge=1, description="Evaluate only the first N problems.")
+    problem_field: str = Field("problem", description="Field holding the problem text.")
+    answer_field: str = Field("answer", description="Field holding the reference answer.")
+    source_field: str = Field("source", description="Field naming the data source (per-source metrics).")
+    synthetic_problems: int = Field(200, ge=1, description="Size of the held-out synthetic set.")
+    synthetic_seed: int = Field(
+        12345, description="Seed of the held-out synthetic set (not the training seed)."
+    )
+
+
+class ControlConfig(_Section):
+    enabled: bool = Field(True, description="Serve the control/status API (FastAPI) from the driver.")
+    host: str = Field("127.0.0.1", description="Bind address; anything but loopback needs a token.")
+    port: int = Field(
+        0, ge=0, le=65535, description="Port (0: any free port, written to RUN_DIR/control.json)."
+    )
+    token: str | None = Field(
+        None,
+        description="Bearer token for state-changing calls; default: a random one in RUN_DIR/control.json.",
+    )
+
+
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -221,6 +259,8 @@ class Config(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
 
 # ---- presets: one word names a whole algorithm setting (README, Presets) ----
@@ -237,7 +277,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "filter_tied": True,
         },
     },
-    # The paper's baseline: 16 rollouts per prompt, 1/8 the prompts, 1/8 the learning rate.
+    # The paper's baseline: 16 rollouts per prompt. Under its protocol (same rollouts per step) also
+    # set rollout.prompts_per_step to 1/8 and learner.lr to 1/8 of 2-GRPO's (configs/ do).
     "16-grpo": {
         "rollout": {"group_size": 16},
         "algorithm": {
@@ -342,7 +383,9 @@ def config_reference() -> str:
     for section_name, section_field in Config.model_fields.items():
         section_cls = section_field.annotation
         for name, f in section_cls.model_fields.items():
-            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            ann = str(f.annotation).replace("typing.", "").replace("|", "\\|")
+            if getattr(f.annotation, "__name__", None) in ("int", "float", "str", "bool"):
+                ann = f.annotation.__name__
             default = f.default if f.default is not None else "null"
             rows.append(f"| `{section_name}.{name}` | `{ann}` | `{default}` | {f.description} |")
     return "\n".join(rows)

@@ -9,10 +9,13 @@ The driver owns placement, the loop, checkpoints and metrics; it computes no los
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,13 +24,29 @@ from ray.util.placement_group import placement_group
 
 from actors.replay_queue import ReplayQueue
 from cluster.config import Config
+from cluster.control import start_control
 from cluster.data import PromptStream, load_prompts
+from cluster.evaluation import eval_metrics, eval_prompts, eval_sampling, evaluate
 from cluster.fleet import RolloutFleet
 from cluster.metrics import MetricsWriter
 from cluster.placement import make_plan, ray_cpus_needed
 from cluster.records import Prompt, ScoredGroup, VerifyItem
+from cluster.telemetry import Telemetry
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (e.g. a learner rank died); the message says from where to resume."""
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a half-written one is still under its `.tmp-` name)."""
+    root = run_dir / "checkpoints"
+    done = (
+        sorted(p for p in root.glob("step_*") if (p / "driver_state.json").exists()) if root.exists() else []
+    )
+    return done[-1] if done else None
 
 
 def resolve_model(cfg: Config) -> str:
@@ -65,13 +84,21 @@ def init_ray(cfg: Config) -> None:
 class Trainer:
     """Builds every actor, then runs `steps` optimizer steps of the synchronous loop."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.plan = make_plan(cfg)
         self.model_path = resolve_model(cfg)
         self.prompts = PromptStream(load_prompts(cfg.data, cfg.run.seed), cfg.run.seed, cfg.data.shuffle)
         self.version = 0
         self.step = 0
+        self.requests: queue.Queue = queue.Queue()  # control-API requests, applied between steps
+        self.paused = False
+        self._status: dict = {"state": "starting"}
+        self._status_lock = threading.Lock()
+        self.eval_set = eval_prompts(cfg) if cfg.eval.every_steps else None
+        self.resume_from = latest_checkpoint(run_dir) if resume else None
+        if resume and self.resume_from is None:
+            raise RunStopped(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
         (run_dir / "config.yaml").write_text(_yaml(cfg))
 
     # ---- start-up: placement, actors, the weight-transfer group ----
@@ -88,18 +115,54 @@ class Trainer:
         self.learner = LearnerGroup(cfg, self.model_path, self.learner_pg, plan.device, plan.learner_threads)
         self.fleet.start(cfg.rollout.num_engines, self.version)
         self._connect_fleet()
+        if self.resume_from is not None:
+            state = self.learner.load_checkpoint(str(self.resume_from / "deepspeed"), "state")
+            self.step, self.version = state["step"], state["policy_version"]
+            self.prompts.load_state(state["prompts"])
+            self.learner.broadcast(self.version)  # the engines start from the checkpoint's weights
+            truncate_metrics(self.run_dir, self.step)
+        self.write_actors()
 
     def _connect_fleet(self) -> None:
         self.learner.init_broadcast(
             self.fleet.engines, self.fleet.workers_per_engine, self.plan.weight_transfer
         )
 
+    def write_actors(self) -> None:
+        """RUN_DIR/actors.json: the live processes (for operators, and for the fault tests that kill them)."""
+        info = {
+            "driver": os.getpid(),
+            "engines": [{"id": i, "pid": r["pid"]} for i, r in zip(self.fleet.ids, self.fleet.ready_info())],
+            "learner": self.learner.pids(),
+            "reward_workers": self.rewards.worker_pids(),
+        }
+        tmp = self.run_dir / ".actors.json"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.run_dir / "actors.json")
+
+    def heal_fleet(self) -> bool:
+        """Replace engines that died (found by a cheap call with a deadline); reconnect and push weights."""
+        dead = self.fleet.dead_slots()
+        for k in dead:
+            self.fleet.replace(k, "found dead before a step", self.version)
+        if dead:
+            self.reconnect_fleet()
+        return bool(dead)
+
+    def reconnect_fleet(self) -> None:
+        """A changed fleet gets a new transfer group and the current weights before it takes prompts."""
+        self.learner.shutdown_broadcast()
+        self._connect_fleet()
+        self.learner_call(self.learner.broadcast, self.version)
+        self.write_actors()
+
     # ---- one step of the synchronous loop ----
     def rollout(self, prompts: list[Prompt]) -> tuple[list[ScoredGroup], dict]:
         """Generate G completions per prompt and score them, overlapping scoring with generation."""
         g = self.cfg.rollout.group_size
         t0 = time.perf_counter()
-        pending = {ref: (k, chunk) for k, chunk, ref in self.fleet.submit(prompts, g)}
+        seed = self.cfg.run.seed * 1_000_003 + self.step * 101 + self._round
+        pending = {ref: (k, chunk) for k, chunk, ref in self.fleet.submit(prompts, g, seed=seed)}
         scoring = []  # (prompts, groups of completions, reward handle)
         gen_done = t0
         while pending:
@@ -109,11 +172,9 @@ class Trainer:
                 groups = ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 # The engine died mid-step: replace it, give it the current weights, redo its prompts.
-                self.fleet.replace(k, f"died: {type(e).__name__}", self.version)
-                self.learner.shutdown_broadcast()
-                self._connect_fleet()
-                self.learner.broadcast(self.version)
-                for kk, cc, rr in self.fleet.submit(chunk, g):
+                self.fleet.replace(k, f"died mid-step: {type(e).__name__}", self.version)
+                self.reconnect_fleet()
+                for kk, cc, rr in self.fleet.submit(chunk, g, seed=seed):
                     pending[rr] = (kk, cc)
                 continue
             gen_done = time.perf_counter()
@@ -156,8 +217,10 @@ class Trainer:
         all_scored: list[ScoredGroup] = []
         batch: list[ScoredGroup] = []
         rounds = 0
+        self.heal_fleet()
         prompts = self.prompts.take(want)
         while True:
+            self._round = rounds
             scored, timing = self.rollout(prompts)
             for key, v in timing.items():
                 metrics[key] += v
@@ -193,13 +256,16 @@ class Trainer:
                 **{f"reward/reason/{k}": v for k, v in sorted(reasons.items())},
             }
         )
+        metrics["staleness/mean"] = sum(self.version - s.version for s in batch) / max(len(batch), 1)
+        metrics["data/prompts"] = [s.prompt.index for s in all_scored]
+        metrics["data/trained_prompts"] = [s.prompt.index for s in batch]
         if batch:
             t0 = time.perf_counter()
-            metrics.update(self.learner.train_step(batch))
+            metrics.update(self.learner_call(self.learner.train_step, batch))
             metrics["time/train_s"] = time.perf_counter() - t0
             self.version += 1
             t0 = time.perf_counter()
-            sent = self.learner.broadcast(self.version)
+            sent = self.broadcast()
             metrics["time/broadcast_s"] = time.perf_counter() - t0
             metrics.update(self.check_sync(sent.get("digest")))
         else:  # every group tied: no gradient anywhere, so no step and no new version
@@ -214,6 +280,34 @@ class Trainer:
         metrics["time/step_s"] = time.perf_counter() - t_step
         metrics["policy_version"] = self.version
         return metrics
+
+    def learner_call(self, fn, *args):
+        """Run a learner-group call; a dead rank stops the run with a message that names the checkpoint."""
+        try:
+            return fn(*args)
+        except ray.exceptions.RayActorError as e:
+            if isinstance(e, ray.exceptions.RayTaskError):
+                raise  # the rank is alive; its task failed (e.g. an engine it was sending to died)
+            last = latest_checkpoint(self.run_dir)
+            where = f"last checkpoint: {last}" if last else "no checkpoint was written yet"
+            raise RunStopped(
+                f"a learner rank died at step {self.step} ({type(e).__name__}); the run cannot go on without it. "
+                f"{where}. Continue with: duet train --resume {self.run_dir}"
+            ) from None
+
+    def broadcast(self) -> dict:
+        """Push the learner's weights; if an engine died during the transfer, replace it and push again."""
+        try:
+            return self.learner_call(self.learner.broadcast, self.version)
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError):
+            if not self.fleet.dead_slots():
+                raise
+            for k in self.fleet.dead_slots():
+                self.fleet.replace(k, "died during a broadcast", self.version)
+            self.learner.shutdown_broadcast()
+            self._connect_fleet()
+            self.write_actors()
+            return self.learner_call(self.learner.broadcast, self.version)
 
     def check_sync(self, sent_digest: str | None) -> dict:
         """After a broadcast: did every engine get exactly the learner's weights?
@@ -237,22 +331,100 @@ class Trainer:
             "sync/engine_versions": versions,
         }
 
+    # ---- the control API (called from the server's threads; applied by the loop between steps) ----
+    def status(self) -> dict:
+        with self._status_lock:
+            return dict(self._status, paused=self.paused)
+
+    def _request(self, kind: str, **kw) -> dict:
+        request_id = f"{kind}-{time.monotonic_ns()}"
+        self.requests.put((kind, request_id, kw))
+        return {"accepted": True, "request_id": request_id, "applied": "before the next step"}
+
+    def scale(self, engines: int) -> dict:
+        if engines < 1:
+            raise ValueError("engines must be >= 1")
+        return self._request("scale", engines=engines)
+
+    def pause(self) -> dict:
+        self.paused = True
+        return {"accepted": True, "paused": True}
+
+    def resume(self) -> dict:
+        self.paused = False
+        return {"accepted": True, "paused": False}
+
+    def checkpoint(self) -> dict:
+        return self._request("checkpoint")
+
+    def apply_requests(self) -> list[dict]:
+        """Apply queued control requests; while paused, wait here (between steps, nothing in flight)."""
+        applied = []
+        while True:
+            try:
+                kind, request_id, kw = self.requests.get(timeout=0.2 if self.paused else 0)
+            except queue.Empty:
+                if self.paused:
+                    continue
+                return applied
+            if kind == "scale" and kw["engines"] != len(self.fleet.engines):
+                self.fleet.resize(kw["engines"], self.version)  # recorded in the fleet's events
+                self.reconnect_fleet()  # new engines get the current weights before they take prompts
+            elif kind == "checkpoint":
+                applied.append(
+                    {"request_id": request_id, "event": "checkpoint", "path": str(self.save_checkpoint())}
+                )
+
+    def _publish(self, metrics: dict) -> None:
+        with self._status_lock:
+            self._status = {
+                "state": "running",
+                "step": self.step,
+                "steps": self.cfg.train.steps,
+                "policy_version": self.version,
+                "engines": [{"id": i, "version": v} for i, v in zip(self.fleet.ids, self.fleet.versions())],
+                "queue_depth": metrics.get("queue", {}).get("depth", 0),
+                "last_metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
+                "run_dir": str(self.run_dir),
+            }
+
     # ---- the run ----
     def run(self) -> Path:
         cfg = self.cfg
         writer = MetricsWriter(self.run_dir)
+        self._round = 0
+        server = None
         try:
             self.start()
+            telemetry = Telemetry(self.run_dir.name, enabled=cfg.run.ray_metrics)
+            server = start_control(self, cfg.control, self.run_dir)
+            events_seen = 0
             while self.step < cfg.train.steps:
+                applied = self.apply_requests()
                 self.step += 1
                 metrics = {"step": self.step, **self.train_one_step()}
+                if self.eval_set is not None and self.step % cfg.eval.every_steps == 0:
+                    result = evaluate(
+                        self.fleet,
+                        self.rewards,
+                        self.eval_set,
+                        cfg.eval.samples_per_prompt,
+                        eval_sampling(cfg),
+                        cfg.rewards.verifier,
+                    )
+                    metrics.update(eval_metrics(result))
                 metrics["queue"] = ray.get(self.queue.stats.remote())
+                metrics["engines"] = len(self.fleet.engines)
                 events = self.fleet.events + [
                     dict(e, component="reward_worker") for e in self.rewards.replaced
                 ]
-                metrics["events"] = events[self._events_seen :] if hasattr(self, "_events_seen") else events
-                self._events_seen = len(events)
+                metrics["events"] = events[events_seen:] + applied
+                events_seen = len(events)
                 writer.write(metrics)
+                telemetry.record_step(
+                    metrics, dict(zip(self.fleet.ids, self.fleet.versions())), metrics["queue"]
+                )
+                self._publish(metrics)
                 if cfg.run.progress:
                     print(progress_line(metrics, cfg.train.steps), file=sys.stderr, flush=True)
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
@@ -261,6 +433,8 @@ class Trainer:
                 self.save_checkpoint(export=True)
         finally:
             writer.close()
+            if server is not None:
+                server.stop()
             self.shutdown()
         return self.run_dir
 
@@ -272,7 +446,13 @@ class Trainer:
         final = root / f"step_{self.step:06d}"
         tmp = root / f".tmp-step_{self.step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        state = {"step": self.step, "policy_version": self.version, "prompts": self.prompts.state()}
+        state = {
+            "step": self.step,
+            "policy_version": self.version,
+            "prompts": self.prompts.state(),
+            # Sampling RNG is reseeded per step from (run.seed, step), so the step number restores it.
+            "rng": {"scheme": "engines reseeded from run.seed and the step", "seed": self.cfg.run.seed},
+        }
         self.learner.save_checkpoint(str(tmp / "deepspeed"), "state", state)
         if export:
             self.learner.export_hf(str(tmp / "hf"), self.model_path)
@@ -288,10 +468,26 @@ class Trainer:
         for name in ("fleet", "rewards", "learner"):
             part = getattr(self, name, None)
             if part is not None:
-                try:
+                with contextlib.suppress(Exception):
                     part.shutdown()
-                except Exception:
-                    pass
+        # Release everything this run holds, so several runs can share one Ray (benchmarks, tests).
+        if getattr(self, "queue", None) is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(self.queue)
+        if getattr(self, "learner_pg", None) is not None:
+            with contextlib.suppress(Exception):
+                ray.util.remove_placement_group(self.learner_pg)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics of steps after the checkpoint we resume from: they will be recomputed."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def progress_line(m: dict, steps: int) -> str:
@@ -304,11 +500,15 @@ def progress_line(m: dict, steps: int) -> str:
 
 
 def _yaml(cfg: Config) -> str:
+    """The resolved config, with secrets left out (the control token lives in control.json, mode 0600)."""
     import yaml
 
-    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+    tree = json.loads(cfg.model_dump_json())
+    tree["control"]["token"] = None
+    tree["rewards"]["remote_token"] = None
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
-def train(cfg: Config, run_dir: str | None = None) -> Path:
-    trainer = Trainer(cfg, new_run_dir(cfg, run_dir))
+def train(cfg: Config, run_dir: str | None = None, resume: bool = False) -> Path:
+    trainer = Trainer(cfg, new_run_dir(cfg, run_dir), resume=resume)
     return trainer.run()

@@ -7,6 +7,7 @@ and only then hand the engines prompts. So an engine never generates with stale 
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import ray
@@ -27,6 +28,8 @@ class RolloutFleet:
         self.ids: list[int] = []
         self.next_id = 0
         self.events: list[dict] = []  # replacements and scaling, for metrics.jsonl
+        # The synchronous loop asks for reproducible batches (exact resume); the async one keeps streaming.
+        self.deterministic = cfg.train.max_staleness_versions == 0
 
     @property
     def workers_per_engine(self) -> int:
@@ -73,8 +76,12 @@ class RolloutFleet:
         r = self.cfg.rollout
         return {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_tokens": r.max_tokens}
 
-    def submit(self, prompts: list[Prompt], group_size: int) -> list[tuple[int, list[Prompt], ray.ObjectRef]]:
-        """Spread prompts over the engines, least-loaded first; a prompt's whole group goes to one engine."""
+    def submit(
+        self, prompts: list[Prompt], group_size: int, sampling: dict | None = None, seed: int | None = None
+    ) -> list[tuple[int, list[Prompt], ray.ObjectRef]]:
+        """Spread prompts over the engines, least-loaded first; a prompt's whole group goes to one engine.
+        `sampling` overrides the training sampling (evaluation uses its own temperature, top-p, top-k);
+        `seed` makes the synchronous loop's batches reproducible (see RolloutEngine.generate)."""
         loads = ray.get([e.load.remote() for e in self.engines])
         chunks: list[list[Prompt]] = [[] for _ in self.engines]
         for p in prompts:
@@ -82,10 +89,36 @@ class RolloutFleet:
             chunks[k].append(p)
             loads[k] += 1
         return [
-            (k, chunk, self.engines[k].generate.remote(chunk, group_size, self.sampling()))
+            (
+                k,
+                chunk,
+                self.engines[k].generate.remote(
+                    chunk,
+                    group_size,
+                    sampling or self.sampling(),
+                    self.deterministic and seed is not None,
+                    None if seed is None else seed * 7919 + self.ids[k],
+                ),
+            )
             for k, chunk in enumerate(chunks)
             if chunk
         ]
+
+    def resize(self, n: int, version: int) -> dict:
+        """Grow or shrink to n engines. Called between steps, so the engines removed have no group in
+        flight; the caller reconnects the transfer group so new engines get the weights before prompts."""
+        before = len(self.engines)
+        if n > before:
+            self.start(n - before, version)
+        for _ in range(before - n):
+            engine, pg, _ = self.engines.pop(), self.groups.pop(), self.ids.pop()
+            with contextlib.suppress(Exception):
+                ray.get(engine.shutdown.remote(), timeout=30)
+            ray.kill(engine)
+            remove_placement_group(pg)
+        change = {"time": time.time(), "event": "fleet_resized", "from": before, "to": n}
+        self.events.append(change)
+        return change
 
     def replace(self, k: int, reason: str, version: int) -> None:
         """Start a new engine in slot k (its old placement group released)."""
@@ -101,6 +134,20 @@ class RolloutFleet:
         self.events.append(
             {"time": time.time(), "event": "engine_replaced", "old": old_id, "new": i, "reason": reason}
         )
+
+    def ready_info(self) -> list[dict]:
+        return ray.get([e.ready.remote() for e in self.engines])
+
+    def dead_slots(self, timeout_s: float = 30.0) -> list[int]:
+        """Slots whose engine does not answer a trivial call (its process died)."""
+        refs = [e.load.remote() for e in self.engines]
+        dead = []
+        for k, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(k)
+        return dead
 
     def versions(self) -> list[int]:
         return ray.get([e.weight_version.remote() for e in self.engines])

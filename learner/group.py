@@ -100,6 +100,9 @@ class LearnerGroup:
         ]
         ray.get([w.ready.remote() for w in self.workers])
 
+    def pids(self) -> list[int]:
+        return [r["pid"] for r in ray.get([w.ready.remote() for w in self.workers])]
+
     def train_step(self, groups: list[ScoredGroup]) -> dict[str, float]:
         rows, stats = build_rows(groups, self.cfg)
         agg = self.cfg.algorithm.aggregation

@@ -167,7 +167,16 @@ class LearnerWorker:
             n_tok = float(mask.sum())
             weight_total += n_tok
             sums["train/entropy"] = sums.get("train/entropy", 0.0) + float((entropy * mask).sum())
-            for key in ("clip_frac", "clip_frac/low", "clip_frac/high", "logprob_gap", "ratio/mean", "kl"):
+            for key in (
+                "clip_frac",
+                "clip_frac/low",
+                "clip_frac/high",
+                "clip_frac/dual",
+                "logprob_gap",
+                "ratio/mean",
+                "kl",
+                "tis/mean_weight",
+            ):
                 if key in stats:
                     sums[f"train/{key}"] = sums.get(f"train/{key}", 0.0) + stats[key] * n_tok
             sums["train/loss"] = sums.get("train/loss", 0.0) + float(loss)

@@ -62,6 +62,9 @@ class RewardPool:
 
     `RewardPool(cfg)` starts the actors and waits until every sandbox child is warm (raising
     RuntimeError after `ready_timeout_s`), so the first batch is not slow. `ray.init` must have run.
+    `chunk_size` overrides the automatic chunking (1..16 items); `hung_grace_s` is the slack after which
+    a worker that has not answered a chunk (len × (timeout_s + 1 s) + grace) is killed as hung; a
+    replacement worker that has not answered yet also gets `ready_timeout_s` to start up.
 
     Actors reserve no CPU by default: the verification work runs in child processes that Ray does not
     account anyway, and on small machines a CPU reservation would compete with the engine and learner
@@ -75,6 +78,7 @@ class RewardPool:
         actor_options: dict | None = None,
         ready_timeout_s: float = 120.0,
         chunk_size: int | None = None,
+        hung_grace_s: float = _HUNG_GRACE_S,
     ) -> None:
         self.cfg = cfg
         self.num_workers = cfg.num_workers
@@ -82,6 +86,9 @@ class RewardPool:
         self._cfg_dict = cfg.model_dump()
         self._actor_options = {"num_cpus": 0, **(actor_options or {})}
         self._chunk_size = chunk_size
+        self._hung_grace_s = hung_grace_s
+        self._ready_timeout_s = ready_timeout_s
+        self._proven: set[Any] = set()  # worker handles (hashed by actor id) that have answered once
         self._lock = threading.Lock()
         self._closed = False
         self._workers = [self._new_worker(i) for i in range(self.num_workers)]
@@ -90,6 +97,7 @@ class RewardPool:
         except (GetTimeoutError, RayActorError, RayTaskError) as e:
             self.shutdown()
             raise RuntimeError(f"RewardPool: workers did not start: {e}") from e
+        self._proven.update(self._workers)
         self._remote = RemoteVerifier.from_config(cfg) if cfg.remote_url else None
         self._jobs = ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward-pool")
         self._remote_jobs = ThreadPoolExecutor(max_workers=2, thread_name_prefix="reward-remote")
@@ -167,6 +175,7 @@ class RewardPool:
                 return
             with contextlib.suppress(Exception):
                 ray.kill(dead, no_restart=True)
+            self._proven.discard(dead)
             self._workers[slot] = self._new_worker(slot)
             self.replaced.append({"time": time.time(), "worker": slot, "reason": reason})
 
@@ -184,7 +193,11 @@ class RewardPool:
         if local:
             self._dispatch(items, local, results)
         if remote_future is not None:
-            for i, r in zip(remote, remote_future.result(), strict=True):
+            try:
+                remote_results = remote_future.result()
+            except Exception as e:  # a client bug must not cost the batch its local results
+                remote_results = [VerifyResult(0.0, f"error: remote: {_first_line(e)}", 0.0)] * len(remote)
+            for i, r in zip(remote, remote_results, strict=True):
                 results[i] = r
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
@@ -218,7 +231,9 @@ class RewardPool:
                 while todo and len(mine) < _INFLIGHT_PER_WORKER:
                     chunk = todo.popleft()
                     ahead = sum(len(f.chunk.indices) for f in mine) + len(chunk.indices)
-                    deadline = time.monotonic() + ahead * per_item + _HUNG_GRACE_S
+                    deadline = time.monotonic() + ahead * per_item + self._hung_grace_s
+                    if handle not in self._proven:  # a replacement may still be starting up
+                        deadline += self._ready_timeout_s
                     ref = handle.score.remote([items[i] for i in chunk.indices])
                     flight = _Flight(chunk, slot, handle, deadline)
                     flights[ref] = flight
@@ -240,6 +255,7 @@ class RewardPool:
                     self._replace(f.slot, f.handle, f"failed: {_first_line(e)}")
                     lost(f.chunk)
                     continue
+                self._proven.add(f.handle)
                 for i, r in zip(f.chunk.indices, out, strict=True):
                     results[i] = r
             now = time.monotonic()

@@ -15,7 +15,7 @@ whatever arrives; here only plain JSON (strings, floats) ever crosses, and nothi
 Limits inside the child:
 - RLIMIT_AS = memory_limit_mib: a hostile item gets MemoryError (scored `error: out of memory`), not
   the machine's memory.
-- RLIMIT_CPU, re-armed before each item to (CPU used so far + timeout + 2 s): a backstop that makes
+- RLIMIT_CPU, re-armed before each item to (CPU used so far + timeout + 1 s): a backstop that makes
   the kernel kill a child whose parent died while it was stuck in C code (an orphan would otherwise
   spin forever). An orphan that is not stuck exits on EOF of its stdin.
 
@@ -247,7 +247,7 @@ class Sandbox:
             return child
         raise SandboxError(
             f"the verifier child did not start: {last_error}; is memory_limit_mib "
-            f"({self.memory_limit_mib}) too low, or the custom function broken?"
+            f"({self.memory_limit_mib}) too low, or the installation broken?"
         )
 
     def _drop_child(self) -> None:
@@ -414,7 +414,7 @@ def _child_main() -> None:
         if not line:
             return  # parent closed the pipe (or died): nothing more to do
         used = resource.getrusage(resource.RUSAGE_SELF)
-        budget = math.ceil(used.ru_utime + used.ru_stime + timeout_s + 2.0)
+        budget = math.ceil(used.ru_utime + used.ru_stime + timeout_s + 1.0)
         _s, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
         if cpu_hard == resource.RLIM_INFINITY or budget < cpu_hard:
             resource.setrlimit(resource.RLIMIT_CPU, (budget, cpu_hard))

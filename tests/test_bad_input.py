@@ -80,3 +80,9 @@ def test_dry_run_prints_plan():
         check=True,
     ).stdout
     assert "RolloutEngine 1" in out and "LearnerWorker rank 0" in out
+
+
+def test_config_reference_is_current():
+    from cluster.config import config_reference
+
+    assert config_reference() in (REPO / "docs" / "CONFIG.md").read_text()

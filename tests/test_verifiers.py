@@ -59,6 +59,12 @@ def custom_spins(prompt: str, completion: str, reference: str) -> float:
         pass
 
 
+def custom_naps(prompt: str, completion: str, reference: str) -> float:
+    """A slow but well-behaved verifier (used by the pool tests to make batches last, CPU-free)."""
+    time.sleep(0.25)
+    return 1.0
+
+
 def custom_hogs_memory(prompt: str, completion: str, reference: str) -> float:
     return float(len(bytearray(8 << 30)))  # 8 GiB: far past the child's RLIMIT_AS
 
@@ -105,11 +111,11 @@ def test_extract_boxed(text: str, expected: str | None) -> None:
 def test_scan_boxed_counts_and_is_linear() -> None:
     assert V.scan_boxed("\\boxed{1} \\boxed{2}").count == 2
     assert V.scan_boxed("\\boxed{1} \\boxed{2").unclosed
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: other jobs loading the machine do not inflate it
     V.scan_boxed("\\boxed{" * 200_000)  # 1.4 MB of opened boxes: one pass, no backtracking
     V.scan_boxed("\\boxed{" + "{" * 1_000_000)
     V.scan_boxed("\\boxed{1}" * 100_000)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.process_time() - t0 < 2.0  # ~0.4 s here; a quadratic scan would take hours
 
 
 def test_sanitize_text() -> None:
@@ -255,7 +261,16 @@ KNOWN_LIMITS = [
 
 @pytest.fixture(scope="module")
 def sandbox() -> Sandbox:
+    """The sandbox of the hostile tests: a short time limit (TIMEOUT_S) and no length cap."""
     sb = Sandbox(RewardsConfig(timeout_s=TIMEOUT_S, max_completion_chars=2_000_000)).start()
+    yield sb
+    sb.close()
+
+
+@pytest.fixture(scope="module")
+def pairs_sandbox() -> Sandbox:
+    """The sandbox of the labelled pairs: a limit no normal answer reaches, even on a loaded machine."""
+    sb = Sandbox(RewardsConfig(timeout_s=5.0), spare=False).start()
     yield sb
     sb.close()
 
@@ -265,27 +280,27 @@ def test_pair_counts() -> None:
 
 
 @pytest.mark.parametrize(("reference", "answer"), EQUIVALENT)
-def test_equivalent_scores_one(sandbox: Sandbox, reference: str, answer: str) -> None:
-    r = sandbox.run(VerifyItem(f"Thinking... so the answer is \\boxed{{{answer}}}.", reference))
+def test_equivalent_scores_one(pairs_sandbox: Sandbox, reference: str, answer: str) -> None:
+    r = pairs_sandbox.run(VerifyItem(f"Thinking... so the answer is \\boxed{{{answer}}}.", reference))
     assert (r.reward, r.reason) == (1.0, "correct"), r
 
 
 @pytest.mark.parametrize(("reference", "answer"), NEAR_MISSES)
-def test_near_miss_scores_zero(sandbox: Sandbox, reference: str, answer: str) -> None:
-    r = sandbox.run(VerifyItem(f"\\boxed{{{answer}}}", reference))
+def test_near_miss_scores_zero(pairs_sandbox: Sandbox, reference: str, answer: str) -> None:
+    r = pairs_sandbox.run(VerifyItem(f"\\boxed{{{answer}}}", reference))
     assert (r.reward, r.reason) == (0.0, "wrong"), r
 
 
 @pytest.mark.parametrize(("reference", "answer", "reward"), KNOWN_LIMITS)
-def test_known_math_verify_limits(sandbox: Sandbox, reference: str, answer: str, reward: float) -> None:
-    assert sandbox.run(VerifyItem(f"\\boxed{{{answer}}}", reference)).reward == reward
+def test_known_math_verify_limits(pairs_sandbox: Sandbox, reference: str, answer: str, reward: float) -> None:
+    assert pairs_sandbox.run(VerifyItem(f"\\boxed{{{answer}}}", reference)).reward == reward
 
 
-def test_last_box_wins_and_missing_box(sandbox: Sandbox) -> None:
-    assert sandbox.run(VerifyItem("\\boxed{3} no wait \\boxed{4}", "4")).reason == "correct"
-    assert sandbox.run(VerifyItem("\\boxed{4} no wait \\boxed{3}", "4")).reason == "wrong"
-    assert sandbox.run(VerifyItem("the answer is 4", "4")).reason == "no_answer"
-    assert sandbox.run(VerifyItem("\\boxed{4} and \\boxed{", "4")).reason == "no_answer"
+def test_last_box_wins_and_missing_box(pairs_sandbox: Sandbox) -> None:
+    assert pairs_sandbox.run(VerifyItem("\\boxed{3} no wait \\boxed{4}", "4")).reason == "correct"
+    assert pairs_sandbox.run(VerifyItem("\\boxed{4} no wait \\boxed{3}", "4")).reason == "wrong"
+    assert pairs_sandbox.run(VerifyItem("the answer is 4", "4")).reason == "no_answer"
+    assert pairs_sandbox.run(VerifyItem("\\boxed{4} and \\boxed{", "4")).reason == "no_answer"
 
 
 def test_percent_as_fraction_off() -> None:
@@ -313,7 +328,7 @@ def test_format_weight_and_math_verify_extraction() -> None:
 def test_input_limits_and_bad_types(sandbox: Sandbox) -> None:
     with Sandbox(RewardsConfig(timeout_s=TIMEOUT_S, max_completion_chars=100), spare=False) as sb:
         r = sb.run(VerifyItem("\\boxed{1}" + "x" * 200, "1"))
-        assert r.reason == "too_long" and r.elapsed_s < 0.05
+        assert r.reason == "too_long" and r.elapsed_s < 0.5 and sb.stats["restarts"] == 0
         assert sb.run(VerifyItem("\\boxed{1}", "1" * 101)).reason.startswith("error: ")
     assert sandbox.run(VerifyItem(b"\\boxed{1}\xff\xfe", "1")).reason == "correct"  # type: ignore[arg-type]
     assert sandbox.run(VerifyItem(None, "1")).reason.startswith("error: ")  # type: ignore[arg-type]
@@ -382,7 +397,7 @@ def test_hostile_completion_is_bounded(sandbox: Sandbox, name: str) -> None:
 def test_timeout_kills_and_replaces_child(sandbox: Sandbox) -> None:
     before = sandbox.child_pid
     r = sandbox.run(VerifyItem(HOSTILE["power_tower"], "1"))
-    assert r.reason == "timeout" and TIMEOUT_S <= r.elapsed_s <= TIMEOUT_S + 0.5
+    assert r.reason == "timeout" and TIMEOUT_S <= r.elapsed_s <= TIMEOUT_S + 1.0
     assert sandbox.run(VerifyItem("\\boxed{2}", "2")).reason == "correct"
     assert sandbox.child_pid != before
     with pytest.raises(ProcessLookupError):
@@ -443,14 +458,14 @@ def test_custom_function_that_does_not_import() -> None:
 
 def test_cpu_limit_kills_an_orphaned_runaway_child() -> None:
     """Without its parent's kill (parent died), a child stuck in CPU work dies by RLIMIT_CPU."""
-    cfg = RewardsConfig(timeout_s=TIMEOUT_S, custom_function=f"{HERE}:custom_spins")
+    cfg = RewardsConfig(timeout_s=0.25, custom_function=f"{HERE}:custom_spins")
     sb = Sandbox(cfg, spare=False)
     child = _Child(sb._boot_line, sb._env)
     try:
         child.wait_ready(60.0)
         req = {"id": 1, "verifier": "custom", "completion": "", "reference": "", "prompt": ""}
         child.send(json.dumps(req).encode() + b"\n", time.monotonic() + 5)
-        with pytest.raises(_ChildDied):  # nobody kills it: the kernel does, after ~timeout + 2 s of CPU
+        with pytest.raises(_ChildDied):  # nobody kills it: the kernel does, after ~timeout + 1 s of CPU
             child.read_line(time.monotonic() + 30.0)
         assert child.exit_code() == -signal.SIGXCPU
     finally:

@@ -1,0 +1,132 @@
+"""Long-run behaviour on the real stack: resume after a kill, dead workers replaced, a dead learner rank.
+
+Each test runs `duet train` as a real subprocess (its own local Ray) and kills real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from cluster.metrics import read_metrics
+from tests.conftest import REPO, duet_cmd
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SMALL = ["rollout.prompts_per_step=16", "run.progress=false"]
+
+
+def start(run_dir: Path, *args: str, model_cache: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        duet_cmd("train", "--run-dir", str(run_dir), f"model.cache_dir={model_cache}", *args),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: killing it takes its local Ray along
+    )
+
+
+def wait_for(cond, timeout_s: float = 300.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def steps_done(run_dir: Path) -> int:
+    try:
+        return len(read_metrics(run_dir))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def test_resume_after_kill_matches_straight_run(tmp_path, model_cache, tiny_model):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    p = start(straight, "train.steps=4", *SMALL, model_cache=model_cache)
+    assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+
+    p = start(killed, "train.steps=4", "checkpoint.every_steps=2", *SMALL, model_cache=model_cache)
+    wait_for(
+        lambda: (killed / "checkpoints" / "step_000002" / "driver_state.json").exists(), what="checkpoint 2"
+    )
+    kill_group(p)  # SIGKILL: no clean shutdown, whatever step it was in
+    r = subprocess.run(
+        duet_cmd("train", "--resume", str(killed)), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    a, b = read_metrics(straight), read_metrics(killed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["data/prompts"] == y["data/prompts"]  # same data order
+        for key in ("reward/mean", "groups/with_signal", "tokens/generated", "policy_version"):
+            assert x[key] == y[key], (x["step"], key)
+        assert abs(x["train/loss"] - y["train/loss"]) < 1e-6
+        assert abs(x["train/grad_norm"] - y["train/grad_norm"]) < 1e-5
+    wa = load_file(straight / "checkpoints" / "step_000004" / "hf" / "model.safetensors")
+    wb = load_file(killed / "checkpoints" / "step_000004" / "hf" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_model):
+    run = tmp_path / "run"
+    steps, per_step = 12, 16
+    p = start(
+        run,
+        f"train.steps={steps}",
+        "rollout.num_engines=2",
+        f"data.synthetic_problems={steps * per_step}",
+        "algorithm.filter_tied=false",
+        *SMALL,
+        model_cache=model_cache,
+    )
+    wait_for(lambda: steps_done(run) >= 2, what="two steps")
+    actors = json.loads((run / "actors.json").read_text())
+    os.kill(actors["engines"][0]["pid"], signal.SIGKILL)
+    os.kill(actors["reward_workers"][0], signal.SIGKILL)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    events = [e for m in metrics for e in m["events"]]
+    assert any(e["event"] == "engine_replaced" for e in events), events
+    assert any(e.get("component") == "reward_worker" for e in events), events
+    for m in metrics:  # every engine, the new one included, holds the learner's weights before it generates
+        assert m["sync/checksum_match"] is True
+        assert m["sync/engine_versions"] == [m["policy_version"]] * 2
+        assert m["rollouts"] == 2 * per_step
+    trained = [i for m in metrics for i in m["data/trained_prompts"]]
+    assert sorted(trained) == list(range(steps * per_step))  # no prompt lost, none trained twice
+
+
+def test_dead_learner_stops_with_checkpoint_then_resumes(tmp_path, model_cache, tiny_model):
+    run = tmp_path / "run"
+    p = start(run, "train.steps=8", "checkpoint.every_steps=1", *SMALL, model_cache=model_cache)
+    wait_for(lambda: steps_done(run) >= 2, what="two steps")
+    os.kill(json.loads((run / "actors.json").read_text())["learner"][0], signal.SIGKILL)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1
+    assert "learner rank died" in err and "last checkpoint:" in err and f"--resume {run}" in err
+    r = subprocess.run(
+        duet_cmd("train", "--resume", str(run)), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, 9))

@@ -1,0 +1,196 @@
+"""`duet submit / logs / stop / status --job` against a real Ray head with token authentication on."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from cluster.config import load_config
+from cluster.jobs import REPO_ROOT, runtime_env, train_args
+from cluster.metrics import read_metrics
+from tests.conftest import REPO, duet_cmd
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _kill_ours(proc: subprocess.Popen, token: str) -> None:
+    """Stop the head we started: `ray start --block` shuts its processes down on SIGTERM (about 2 s;
+    signalling the whole group instead makes it wait ~30 s), then its group is killed, then any
+    straggler of ours: Ray workers run in process groups of their own, so they are found by the
+    test's own token in their environment. Other Ray instances on the machine live on."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    mark = f"RAY_AUTH_TOKEN={token}".encode()
+    for pid_dir in Path("/proc").iterdir():
+        try:
+            if pid_dir.name.isdigit() and mark in (pid_dir / "environ").read_bytes().split(b"\0"):
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    # A short temp dir of its own: Ray's socket paths must stay under ~107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="duet-ray-", dir="/tmp")
+    token = secrets.token_hex(32)
+    gcs, dash, client, agent, agent_grpc, metrics, renv, node, objm = _free_ports(9)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # The job's `python` is the head's PATH's: put this interpreter first. The token reaches the head,
+    # its job drivers and the clients through the environment; ~/.ray/auth_token is left alone.
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    cmd = [
+        ray_bin, "start", "--head", "--block", "--disable-usage-stats",
+        f"--temp-dir={temp_dir}", "--num-cpus=8", "--object-store-memory=500000000",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--port={gcs}", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={renv}", f"--node-manager-port={node}", f"--object-manager-port={objm}",
+    ]  # fmt: skip
+    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 (closed in teardown)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Ray head did not start"
+            try:
+                r = httpx.get(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        yield address, token, env
+    finally:
+        _kill_ours(proc, token)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _duet(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(duet_cmd(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_submit_trains_on_the_cluster_with_auth_on(ray_head, tmp_path, model_cache, tiny_model):
+    address, _, env = ray_head
+    run_dir = tmp_path / "run"
+    # A config file outside the uploaded repository: it travels as overrides.
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"train": {"steps": 2}, "rollout": {"prompts_per_step": 16}}))
+    t0 = time.monotonic()
+    proc = _duet(
+        env,
+        "submit", "--address", address, "--config", str(config), "--run-dir", str(run_dir),
+        f"model.cache_dir={model_cache}", "run.progress=false", "control.enabled=false",
+        "checkpoint.final=false",
+        timeout=600,
+    )  # fmt: skip
+    print(f"submit + 2 steps: {time.monotonic() - t0:.0f} s")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    job_id = proc.stdout.splitlines()[0].strip()
+    assert "SUCCEEDED" in proc.stderr
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+    assert all(m["rollouts"] == 2 * 16 for m in read_metrics(run_dir))
+
+    status = _duet(env, "status", "--job", job_id, "--address", address)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout, status.stderr
+    logs = _duet(env, "logs", job_id, "--address", address)
+    assert logs.returncode == 0 and "run written to" in logs.stdout
+
+    # Authentication stays on: no token, 401; a wrong one, refused too; and the CLI without it fails.
+    assert httpx.get(f"{address}/api/jobs/").status_code == 401
+    assert httpx.get(f"{address}/api/jobs/", headers={"Authorization": "Bearer nope"}).status_code in (
+        401,
+        403,
+    )
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(tmp_path)}
+    refused = _duet(no_token, "status", "--job", job_id, "--address", address)
+    assert refused.returncode == 1 and "Authentication" in refused.stderr
+
+    # stop: a second submission, stopped before it gets anywhere.
+    second = _duet(
+        env, "submit", "--no-wait", "--address", address, "--run-dir", str(tmp_path / "run2"),
+        f"model.cache_dir={model_cache}", "control.enabled=false",
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    job2 = second.stdout.splitlines()[0].strip()
+    stopped = _duet(env, "stop", job2, "--address", address)
+    assert stopped.returncode == 0, stopped.stderr
+    deadline = time.monotonic() + 120
+    while "STOPPED" not in (out := _duet(env, "status", "--job", job2, "--address", address).stdout):
+        assert time.monotonic() < deadline, out
+        time.sleep(2)
+
+
+def test_train_args_carry_an_outside_config_as_overrides(tmp_path):
+    tree = {
+        "preset": "dr-grpo",
+        "rollout": {"group_size": 4, "temperature": 0.7},
+        "data": {"prompt_template": "Q: {problem}\nA: it's"},
+        "learner": {"betas": [0.9, 0.95]},
+        "eval": {"path": None},
+    }
+    outside = tmp_path / "c.yaml"
+    outside.write_text(yaml.safe_dump(tree))
+    args = train_args(str(outside), None, "/runs/x", ["train.steps=3"], upload=True)
+    assert args[:5] == ["train", "--preset", "dr-grpo", "--run-dir", "/runs/x"]
+    overrides = args[5:]
+    assert overrides[-1] == "train.steps=3"  # the user's come last: they win
+    expected = load_config(str(outside), ["train.steps=3"])
+    assert load_config(None, overrides, "dr-grpo") == expected
+    # a preset on the command line too: the file's preset still fills what the CLI's leaves unset
+    both = train_args(str(outside), "2-grpo", None, [], upload=True)
+    assert "--preset" not in both
+    assert load_config(None, both[1:]) == load_config(str(outside), None, "2-grpo")
+
+    inside = REPO_ROOT / "configs" / "2grpo_qwen2.5-math-1.5b.yaml"
+    assert train_args(str(inside), None, None, [], upload=True) == [
+        "train", "--config", "configs/2grpo_qwen2.5-math-1.5b.yaml",
+    ]  # fmt: skip
+    assert train_args("configs/x.yaml", None, None, [], upload=False) == [
+        "train",
+        "--config",
+        "configs/x.yaml",
+    ]
+
+    renv = runtime_env(upload=True, extra_env={"A": "1"})
+    assert renv["working_dir"] == str(REPO_ROOT) and ".venv" in renv["excludes"]
+    assert renv["env_vars"]["A"] == "1" and renv["env_vars"]["PYTHONUNBUFFERED"] == "1"
+    assert "working_dir" not in runtime_env(upload=False, extra_env={})
