@@ -60,6 +60,8 @@ class RolloutEngine:
             weight_transfer_config={"backend": weight_transfer_backend},
             worker_extension_cls="actors.weight_receiver.DigestWorkerExtension",
             disable_log_stats=True,
+            # A prefix cached under old weights must not serve a request after a weight update.
+            enable_prefix_caching=False,
         )
         self.engine = AsyncLLM.from_engine_args(args)
 
@@ -149,6 +151,9 @@ class RolloutEngine:
         # Idempotent: if a broadcast broke off (another engine died), this engine is still inside its
         # update; the driver's full re-broadcast then completes that same update.
         if not self.update_active:
+            # "keep": requests in flight stay where they are and continue under the new weights after
+            # the transfer (their completions record both versions); the fleet stops only for the copy.
+            await self.engine.pause_generation(mode="keep", clear_cache=False)
             await self.engine.start_weight_update()
             self.update_active = True
 
@@ -162,6 +167,7 @@ class RolloutEngine:
         self.update_active = False
         if weight_version is not None:
             self.version = int(weight_version)
+        await self.engine.resume_generation()
 
     async def set_version(self, weight_version: str) -> None:
         await self.engine.update_weight_version(weight_version)

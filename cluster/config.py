@@ -187,7 +187,19 @@ class LearnerConfig(_Section):
     micro_batch_size: int = Field(
         64, ge=1, description="Sequences per forward/backward on one rank (gradient accumulation)."
     )
+    updates_per_batch: int = Field(
+        1,
+        ge=1,
+        description="Optimizer steps per batch: the batch is split into this many mini-batches (PPO-style); "
+        "from the second on, the ratio to the policy that generated the batch moves and the clip binds. "
+        "1 = the paper's setting (one update per batch, ratio 1).",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    cpu_affinity: str | None = Field(
+        None,
+        description="CPU runs: cores the learner ranks are pinned to, e.g. '1' or '2-3' (the CPU analogue of "
+        "dedicated GPUs; pair with rollout.cpu_threads_bind). None: no pinning.",
+    )
     broadcast_bucket_mib: float = Field(
         64.0, gt=0.0, description="Packed bucket size of the weight broadcast, in MiB."
     )

@@ -91,6 +91,7 @@ class PromptStream:
         self.epoch = 0
         self.offset = 0
         self._order = self._order_for(0)
+        self.returned: list[Prompt] = []  # prompts handed back (their engine died): served first
 
     def _order_for(self, epoch: int) -> list[int]:
         order = list(range(len(self.prompts)))
@@ -98,8 +99,12 @@ class PromptStream:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
+    def give_back(self, prompts: list[Prompt]) -> None:
+        self.returned = list(prompts) + self.returned
+
     def take(self, n: int) -> list[Prompt]:
-        out = []
+        out = self.returned[:n]
+        self.returned = self.returned[n:]
         while len(out) < n:
             if self.offset >= len(self._order):
                 self.epoch += 1

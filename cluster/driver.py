@@ -92,6 +92,12 @@ class Trainer:
         self.version = 0
         self.step = 0
         self.requests: queue.Queue = queue.Queue()  # control-API requests, applied between steps
+        self.asynchronous = cfg.train.max_staleness_versions > 0
+        self.producer = None
+        self.prompt_lock = threading.Lock()  # the producer thread takes prompts too (async mode)
+        self.scored_lock = threading.Lock()
+        self.scored_since_step: list[ScoredGroup] = []
+        self.timeline: list[dict] = []  # who was busy when: engines, rewards, learner, broadcast
         self.paused = False
         self._status: dict = {"state": "starting"}
         self._status_lock = threading.Lock()
@@ -178,6 +184,13 @@ class Trainer:
                     pending[rr] = (kk, cc)
                 continue
             gen_done = time.perf_counter()
+            self.timeline.append(
+                {
+                    "component": f"engine {self.fleet.ids[k]}",
+                    "start": time.time() - (gen_done - t0),
+                    "end": time.time(),
+                }
+            )
             items = [
                 VerifyItem(
                     completion=c.text, reference=p.answer, verifier=self.cfg.rewards.verifier, prompt=p.text
@@ -204,16 +217,11 @@ class Trainer:
         return scored, timing
 
     def train_one_step(self) -> dict:
+        """Synchronous (on-policy): generate → score → queue → learn → broadcast, one after the other."""
         cfg = self.cfg
         want = cfg.rollout.prompts_per_step
         t_step = time.perf_counter()
-        metrics: dict = {
-            "rollouts": 0,
-            "tokens/generated": 0,
-            "time/generate_s": 0.0,
-            "time/reward_s": 0.0,
-            "time/reward_wait_s": 0.0,
-        }
+        metrics: dict = {"time/generate_s": 0.0, "time/reward_s": 0.0, "time/reward_wait_s": 0.0}
         all_scored: list[ScoredGroup] = []
         batch: list[ScoredGroup] = []
         rounds = 0
@@ -222,8 +230,8 @@ class Trainer:
         while True:
             self._round = rounds
             scored, timing = self.rollout(prompts)
-            for key, v in timing.items():
-                metrics[key] += v
+            for key in metrics:
+                metrics[key] += timing[key]
             all_scored += scored
             ray.get(self.queue.put.remote(scored))
             batch += ray.get(self.queue.take.remote(want - len(batch), self.version, None))
@@ -232,41 +240,75 @@ class Trainer:
             if not cfg.algorithm.refill or len(batch) >= want or rounds >= cfg.algorithm.max_refill_rounds:
                 break
             prompts = self.prompts.take(want - len(batch))
+        metrics["refill/rounds"] = rounds
+        return self.learn(batch, all_scored, metrics, t_step)
+
+    def train_one_step_async(self) -> dict:
+        """Asynchronous (bounded staleness): the producer keeps the engines generating; the learner takes
+        the next `prompts_per_step` groups that are at most k versions old, trains, and pushes weights."""
+        cfg = self.cfg
+        want = cfg.rollout.prompts_per_step
+        t_step = time.perf_counter()
+        batch: list[ScoredGroup] = []
+        while len(batch) < want:
+            if self.producer.error is not None:
+                raise self.producer.error
+            batch += ray.get(self.queue.take.remote(want - len(batch), self.version, 1.0))
+        waited = time.perf_counter() - t_step
+        with self.scored_lock:
+            all_scored, self.scored_since_step = self.scored_since_step, []
+        metrics = {"time/wait_data_s": waited, "time/generate_s": 0.0, "time/reward_s": 0.0}
+        metrics["staleness/histogram"] = _histogram([self.version - g.version for g in batch])
+        metrics["staleness/max_in_flight_versions"] = max(
+            (c.version_end - c.version_start for g in batch for c in g.completions), default=0
+        )
+        return self.learn(batch, all_scored, metrics, t_step)
+
+    def learn(
+        self, batch: list[ScoredGroup], all_scored: list[ScoredGroup], metrics: dict, t_step: float
+    ) -> dict:
+        """Record what was generated, train on the batch, push the new weights, check they arrived."""
+        cfg = self.cfg
+        completions = [c for s in all_scored for c in s.completions]
         rewards = [r for s in all_scored for r in s.rewards]
         tied = sum(s.tied for s in all_scored)
         reasons: dict[str, int] = {}
         for s in all_scored:
             for why in s.reasons:
-                key = why.split(":")[0]
-                reasons[key] = reasons.get(key, 0) + 1
+                reasons[why.split(":")[0]] = reasons.get(why.split(":")[0], 0) + 1
+        tokens = sum(len(c.token_ids) for c in completions)
         metrics.update(
             {
+                "rollouts": len(completions),
+                "tokens/generated": tokens,
                 "reward/mean": sum(rewards) / max(len(rewards), 1),
                 "reward/tied_fraction": tied / max(len(all_scored), 1),
                 "groups/total": len(all_scored),
                 "groups/with_signal": len(all_scored) - tied,
                 "groups/dropped_tied": tied if cfg.algorithm.filter_tied else 0,
                 "groups/trained": len(batch),
-                "refill/rounds": rounds,
-                "completions/truncated_fraction": sum(
-                    c.finish_reason == "length" for s in all_scored for c in s.completions
-                )
-                / max(metrics["rollouts"], 1),
-                "completions/mean_length": metrics["tokens/generated"] / max(metrics["rollouts"], 1),
+                "completions/truncated_fraction": sum(c.finish_reason == "length" for c in completions)
+                / max(len(completions), 1),
+                "completions/mean_length": tokens / max(len(completions), 1),
                 **{f"reward/reason/{k}": v for k, v in sorted(reasons.items())},
+                "staleness/mean": sum(self.version - s.version for s in batch) / max(len(batch), 1),
+                "data/prompts": [s.prompt.index for s in all_scored],
+                "data/trained_prompts": [s.prompt.index for s in batch],
             }
         )
-        metrics["staleness/mean"] = sum(self.version - s.version for s in batch) / max(len(batch), 1)
-        metrics["data/prompts"] = [s.prompt.index for s in all_scored]
-        metrics["data/trained_prompts"] = [s.prompt.index for s in batch]
         if batch:
             t0 = time.perf_counter()
             metrics.update(self.learner_call(self.learner.train_step, batch))
-            metrics["time/train_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
             self.version += 1
-            t0 = time.perf_counter()
             sent = self.broadcast()
-            metrics["time/broadcast_s"] = time.perf_counter() - t0
+            t2 = time.perf_counter()
+            metrics.update({"time/train_s": t1 - t0, "time/broadcast_s": t2 - t1})
+            now = time.time()
+            self.timeline += [
+                {"component": "learner", "start": now - (t2 - t0), "end": now - (t2 - t1)},
+                {"component": "broadcast", "start": now - (t2 - t1), "end": now},
+            ]
             metrics.update(self.check_sync(sent.get("digest")))
         else:  # every group tied: no gradient anywhere, so no step and no new version
             metrics.update(
@@ -368,8 +410,12 @@ class Trainer:
                     continue
                 return applied
             if kind == "scale" and kw["engines"] != len(self.fleet.engines):
+                if self.producer is not None:  # removed engines finish their groups first
+                    self.producer.drain()
                 self.fleet.resize(kw["engines"], self.version)  # recorded in the fleet's events
                 self.reconnect_fleet()  # new engines get the current weights before they take prompts
+                if self.producer is not None:
+                    self.producer.release()
             elif kind == "checkpoint":
                 applied.append(
                     {"request_id": request_id, "event": "checkpoint", "path": str(self.save_checkpoint())}
@@ -398,11 +444,17 @@ class Trainer:
             self.start()
             telemetry = Telemetry(self.run_dir.name, enabled=cfg.run.ray_metrics)
             server = start_control(self, cfg.control, self.run_dir)
+            if self.asynchronous:
+                from cluster.pipeline import RolloutProducer
+
+                self.producer = RolloutProducer(self, chunk_prompts=max(1, cfg.rollout.prompts_per_step // 2))
+                self.producer.start()
+            step_fn = self.train_one_step_async if self.asynchronous else self.train_one_step
             events_seen = 0
             while self.step < cfg.train.steps:
                 applied = self.apply_requests()
                 self.step += 1
-                metrics = {"step": self.step, **self.train_one_step()}
+                metrics = {"step": self.step, **step_fn()}
                 if self.eval_set is not None and self.step % cfg.eval.every_steps == 0:
                     result = evaluate(
                         self.fleet,
@@ -432,9 +484,13 @@ class Trainer:
             if cfg.checkpoint.final:
                 self.save_checkpoint(export=True)
         finally:
+            if self.producer is not None:
+                self.producer.stop()
             writer.close()
             if server is not None:
                 server.stop()
+            with (self.run_dir / "timeline.jsonl").open("w") as f:
+                f.writelines(json.dumps(e) + "\n" for e in self.timeline)
             self.shutdown()
         return self.run_dir
 
@@ -477,6 +533,13 @@ class Trainer:
         if getattr(self, "learner_pg", None) is not None:
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(self.learner_pg)
+
+
+def _histogram(values: list[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

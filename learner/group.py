@@ -1,12 +1,15 @@
 """LearnerGroup: K LearnerWorker ranks on their placement-group bundles, driven as one learner.
 
 It turns scored groups into per-sequence training rows (advantages from `learner.advantages`),
-shards them across ranks balanced by tokens, and runs one optimizer step on every rank.
+shards them across ranks balanced by tokens, and runs one optimizer step on every rank (or
+`learner.updates_per_batch` steps on mini-batches, PPO-style, against π_old taken before the first).
 """
 
 from __future__ import annotations
 
+import random
 import socket
+import time
 from typing import Any
 
 import ray
@@ -99,27 +102,35 @@ class LearnerGroup:
             for rank in range(k)
         ]
         ray.get([w.ready.remote() for w in self.workers])
+        self.batches = 0  # train_step calls so far: seeds the mini-batch shuffle (kept in checkpoints)
 
     def pids(self) -> list[int]:
         return [r["pid"] for r in ray.get([w.ready.remote() for w in self.workers])]
 
-    def train_step(self, groups: list[ScoredGroup]) -> dict[str, float]:
-        rows, stats = build_rows(groups, self.cfg)
-        agg = self.cfg.algorithm.aggregation
-        units = [(len(r["completion_ids"]) if agg == "token_mean" else 1) if r["keep"] else 0 for r in rows]
-        denominator = float(max(sum(units), 1))
+    def _shard(self, rows: list[dict]) -> list[list[dict]]:
+        """Longest first onto the least-loaded rank: ranks finish their forward/backward together.
+        Every rank gets a shard (maybe empty): all of them must take part in each step's collectives."""
         shards: list[list[dict]] = [[] for _ in self.workers]
         loads = [0] * len(self.workers)
-        # Longest first onto the least-loaded rank: ranks finish their forward/backward together.
         for row in sorted(rows, key=lambda r: -(len(r["prompt_ids"]) + len(r["completion_ids"]))):
             i = loads.index(min(loads))
             shards[i].append(row)
             loads[i] += len(row["prompt_ids"]) + len(row["completion_ids"])
+        return shards
+
+    def _update(self, rows: list[dict]) -> dict[str, float]:
+        """One optimizer step on `rows`, sharded over the ranks; stats reduced over the ranks."""
+        agg = self.cfg.algorithm.aggregation
+        units = [(len(r["completion_ids"]) if agg == "token_mean" else 1) if r["keep"] else 0 for r in rows]
+        denominator = float(max(sum(units), 1))
+        shards = self._shard(rows)
         results = ray.get([w.train_step.remote(s, denominator) for w, s in zip(self.workers, shards)])
         tokens = sum(r["train/tokens"] for r in results) or 1.0
-        for key in results[0]:
+        keys = list(dict.fromkeys(k for r in results for k in r))  # a rank with no rows lacks some
+        stats: dict[str, float] = {}
+        for key in keys:
             if key == "train/loss":
-                stats[key] = sum(r[key] for r in results)
+                stats[key] = sum(r.get(key, 0.0) for r in results)
             elif key in ("train/grad_norm",):
                 stats[key] = results[0][key]
             elif key == "time/train_rank_s":
@@ -127,7 +138,46 @@ class LearnerGroup:
             elif key == "train/tokens":
                 stats[key] = tokens
             else:
-                stats[key] = sum(r[key] * r["train/tokens"] for r in results) / tokens
+                stats[key] = sum(r.get(key, 0.0) * r["train/tokens"] for r in results) / tokens
+        return stats
+
+    def _set_old_logprobs(self, rows: list[dict]) -> None:
+        """π_old of every row (no-grad forward on the ranks, before any update), as row["old_logprobs"]."""
+        mb = self.cfg.learner.micro_batch_size
+        shards = self._shard(rows)
+        forwards = max(-(-len(s) // mb) for s in shards)
+        results = ray.get([w.old_logprobs.remote(s, forwards) for w, s in zip(self.workers, shards)])
+        for shard, logps in zip(shards, results):
+            for row, logp in zip(shard, logps):
+                row["old_logprobs"] = logp
+
+    def train_step(self, groups: list[ScoredGroup]) -> dict[str, float]:
+        """One batch: `learner.updates_per_batch` optimizer steps (1: one step, π_old = the policy that
+        starts it; M > 1: π_old taken once, then M steps on seeded-shuffled mini-batches of the rows)."""
+        rows, stats = build_rows(groups, self.cfg)
+        self.batches += 1
+        m = self.cfg.learner.updates_per_batch
+        if m == 1:
+            stats.update(self._update(rows))
+            return stats
+        t0 = time.perf_counter()
+        self._set_old_logprobs(rows)
+        stats["time/old_logprobs_s"] = time.perf_counter() - t0
+        order = list(range(len(rows)))
+        random.Random(f"minibatches:{self.cfg.run.seed}:{self.batches}").shuffle(order)
+        n = max(1, min(m, len(rows)))  # no empty mini-batch: an Adam step on zero gradients still moves
+        minis = [[rows[j] for j in order[i * len(rows) // n : (i + 1) * len(rows) // n]] for i in range(n)]
+        updates = [self._update(mini) for mini in minis]
+        keys = list(dict.fromkeys(k for u in updates for k in u))
+        for key in keys:
+            values = [u[key] for u in updates if key in u]
+            if key == "train/grad_norm":
+                stats[key] = updates[-1][key]
+            elif key in ("train/tokens", "time/train_rank_s"):
+                stats[key] = sum(values)
+            else:  # per-update means (loss included): their mean over the updates
+                stats[key] = sum(values) / len(values)
+        stats["train/updates"] = float(n)
         return stats
 
     def init_broadcast(self, engines: list, workers_per_engine: int, backend: str) -> None:
@@ -154,10 +204,13 @@ class LearnerGroup:
         ray.get([w.perturb.remote(scale, seed) for w in self.workers])
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
-        ray.get([w.save_checkpoint.remote(directory, tag, client_state) for w in self.workers])
+        state = {**client_state, "learner_batches": self.batches}
+        ray.get([w.save_checkpoint.remote(directory, tag, state) for w in self.workers])
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
-        return ray.get([w.load_checkpoint.remote(directory, tag) for w in self.workers])[0]
+        state = ray.get([w.load_checkpoint.remote(directory, tag) for w in self.workers])[0]
+        self.batches = int(state.get("learner_batches", 0))
+        return state
 
     def export_hf(self, directory: str, tokenizer_from: str) -> None:
         ray.get([w.export_hf.remote(directory, tokenizer_from) for w in self.workers])

@@ -23,6 +23,15 @@ def _pad(rows: list[list[int]], value: float | int, dtype) -> torch.Tensor:
     return out
 
 
+def _parse_cores(spec: str) -> set[int]:
+    """'1', '2-3', '0,2-3' → a set of core ids."""
+    cores: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return cores
+
+
 @ray.remote
 class LearnerWorker:
     def __init__(
@@ -49,6 +58,10 @@ class LearnerWorker:
         )
         if device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            if learner.get("cpu_affinity"):
+                cores = _parse_cores(learner["cpu_affinity"])
+                os.sched_setaffinity(0, cores)
+                cpu_threads = len(cores)
             if cpu_threads:
                 torch.set_num_threads(cpu_threads)
         import deepspeed
@@ -115,9 +128,33 @@ class LearnerWorker:
         targets = _pad(completion_ids, 0, torch.long).to(self.device)
         return token_logprobs(step_logits, targets), entropy_from_logits(step_logits)
 
+    def old_logprobs(self, batch: list[dict], forwards: int = 0) -> list[list[float]]:
+        """π_old for `batch` (this rank's sequences): per-token log-probs of each completion under the
+        current weights, no grad, in micro-batches. Taken before the first of several updates per batch,
+        so later updates see their ratio to the policy that started the step. `forwards`: the most
+        micro-batches any rank runs; under ZeRO-3 every forward gathers parameters from all ranks, so a
+        rank with fewer runs dummy forwards until it has taken part in as many."""
+        mb = self.learner["micro_batch_size"]
+        chunks = [batch[i : i + mb] for i in range(0, len(batch), mb)]
+        out: list[list[float]] = []
+        self.engine.eval()
+        with torch.no_grad():
+            for chunk in chunks:
+                prompts = [s["prompt_ids"] for s in chunk]
+                comps = [s["completion_ids"] for s in chunk]
+                logp = self._logprobs(self.engine, prompts, comps)[0].float().cpu()
+                out.extend(logp[i, : len(c)].tolist() for i, c in enumerate(comps))
+            if self.learner["zero_stage"] == 3:
+                for _ in range(len(chunks), forwards):
+                    self.engine(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device))
+        self.engine.train()
+        return out
+
     def train_step(self, batch: list[dict], denominator: float) -> dict[str, float]:
         """`batch`: this rank's sequences; `denominator`: the step's count of loss units over all ranks
-        (tokens for token_mean, sequences otherwise), so micro-batches and ranks add up to one loss."""
+        (tokens for token_mean, sequences otherwise), so micro-batches and ranks add up to one loss.
+        A row's "old_logprobs" (set when there are several updates per batch) is its π_old; without it
+        π_old is the policy that starts the step (one update per batch: ratio 1)."""
         from learner.losses import policy_loss
 
         t0 = time.perf_counter()
@@ -141,13 +178,17 @@ class LearnerWorker:
             mask = mask.to(self.device)
             behaviour = _pad([s["behaviour_logprobs"] for s in chunk], 0.0, torch.float32).to(self.device)
             adv = torch.tensor([s["advantage"] for s in chunk], dtype=torch.float32, device=self.device)
+            if all("old_logprobs" in s for s in chunk):
+                old = _pad([s["old_logprobs"] for s in chunk], 0.0, torch.float32).to(self.device)
+            else:
+                old = logp.detach()  # one update per batch: π_old is the policy that starts the step
             ref = None
             if self.ref is not None:
                 with torch.no_grad():
                     ref, _ = self._logprobs(self.ref, prompts, comps)
             loss, stats = policy_loss(
                 logp,
-                logp.detach(),  # one update per batch: π_old is the policy that starts the step
+                old,
                 adv,
                 mask,
                 clip_low=algo["clip_low"],
