@@ -7,6 +7,7 @@ Real Ray actors, a real 2-rank DeepSpeed learner (CPU, gloo), the tiny model.
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.integration
 
@@ -34,10 +35,10 @@ def _groups(tokenizer):
 def test_updates_per_batch_moves_the_ratio(local_ray, tiny_model):
     ray = local_ray
     from ray.util.placement_group import placement_group, remove_placement_group
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cluster.config import load_config
-    from learner.group import LearnerGroup
+    from learner.group import LearnerGroup, build_rows
 
     path = str(tiny_model)
     groups = _groups(AutoTokenizer.from_pretrained(path))
@@ -54,9 +55,21 @@ def test_updates_per_batch_moves_the_ratio(local_ray, tiny_model):
     ray.get(pg.ready())
     learner = LearnerGroup(cfg, path, pg, "cpu", 1)
     try:
+        # π_old of a rank: the log-prob of each completion token under the weights, aligned as in HF.
+        rows = build_rows(groups, cfg)[0]
+        old = ray.get(learner.workers[1].old_logprobs.remote(rows, 0))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        for row, got in zip(rows, old):
+            ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+            with torch.no_grad():
+                logits = model(ids).logits[0].float() / cfg.rollout.temperature
+            logp = torch.log_softmax(logits, -1)
+            p = len(row["prompt_ids"])
+            want = [logp[p - 1 + i, t].item() for i, t in enumerate(row["completion_ids"])]
+            assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5), (got, want)
+
         # M = 2: π_old is taken once; the second update sees the policy the first one moved.
         stats = learner.train_step(groups)
-        print("M2", stats)
         assert stats["train/updates"] == 2.0
         assert stats["train/tokens"] == n_tokens  # every token trained on once, over the two updates
         assert abs(stats["train/ratio/mean"] - 1.0) > 1e-4, stats
@@ -65,7 +78,6 @@ def test_updates_per_batch_moves_the_ratio(local_ray, tiny_model):
         # M = 1 on the same data: π_old is the policy that starts the step, the ratio is exactly 1.
         cfg.learner.updates_per_batch = 1
         stats = learner.train_step(groups)
-        print("M1", stats)
         assert "train/updates" not in stats and "time/old_logprobs_s" not in stats
         assert stats["train/ratio/mean"] == 1.0, stats
         assert stats["train/clip_frac"] == 0.0
