@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -50,3 +51,23 @@ def test_duet_train_default_three_steps(tmp_path, model_cache, tiny_model):
     assert (run_dir / "config.yaml").exists()
     final = sorted((run_dir / "checkpoints").iterdir())[-1]
     assert (final / "hf" / "config.json").exists() and (final / "driver_state.json").exists()
+
+    # the exported model is what a user evaluates: `duet eval` loads it as it is
+    data = tmp_path / "heldout.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"problem": f"{a}+{b}=", "answer": str(a + b), "source": "add"}) + "\n"
+            for a, b in [(1, 2), (3, 4), (5, 1), (2, 2)]
+        )
+    )
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        duet_cmd("eval", "--model", str(final / "hf"), "--dataset", str(data), "-n", "4", "--out", str(out)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    overall = json.loads(out.read_text())["overall"]
+    assert overall["problems"] == 4 and overall["samples"] == 4 and 0.0 <= overall["avg@n"] <= 1.0
