@@ -185,9 +185,6 @@ class RolloutEngine:
         """vLLM's own per-parameter sha256, in its fused layout: comparable between engines."""
         return await self.engine.compute_weight_checksums()
 
-    async def reseed(self, seed: int) -> None:
-        await self.engine.collective_rpc("duet_reseed", args=(seed,))
-
     async def pause(self, mode: str = "keep") -> None:
         await self.engine.pause_generation(mode=mode, clear_cache=False)
 

@@ -158,9 +158,9 @@ class DigestWorkerExtension:
         return getattr(engine, "last_digest", None)
 
     def duet_reseed(self, seed: int) -> None:
-        """Reset the sampler's generator. Per-request seeds kill the CPU engine, so the driver reseeds the
-        worker before each synchronous step instead: the same step then samples the same tokens, which
-        makes a resumed run retrace the run it continues."""
+        """Reset the sampler's generator. Per-request seeds kill the CPU engine, so RolloutEngine.generate
+        reseeds the worker while a synchronous step's batch waits in the paused scheduler: the same step
+        then samples the same tokens, which makes a resumed run retrace the run it continues."""
         import random
 
         random.seed(seed)

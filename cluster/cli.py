@@ -2,8 +2,9 @@
 
 duet train [--config FILE] [--preset NAME] [--run-dir DIR] [--resume RUN_DIR] [--dry-run] [section.field=value ...]
 duet eval --model PATH --dataset FILE [--samples-per-prompt n] [--temperature t]
-duet submit --address http://HEAD:8265 [--config FILE] [overrides]    then: duet logs JOB_ID | duet stop JOB_ID
-duet status [--url URL]        duet scale --engines N [--url URL]
+duet submit --address http://HEAD:8265 [--config FILE] [overrides]
+duet logs JOB_ID [-f]    duet status --job JOB_ID    duet stop JOB_ID
+duet status [--run-dir DIR | --url URL]    duet scale --engines N [--run-dir DIR | --url URL]
 duet serve-reward [--host 127.0.0.1] [--port N] [--token T]
 """
 

@@ -2,8 +2,9 @@
 
 Each rollout engine is its own placement group (one bundle of `gpus_per_engine` GPUs, or one CPU
 slot on CPU) so the fleet can grow and shrink at run time without touching the learner, whose ranks
-share one placement group (`PACK`: keep the DeepSpeed ranks close). On CPU each component is also
-given its own cores (thread binding), the CPU analogue of dedicated GPUs.
+share one placement group (`PACK`: keep the DeepSpeed ranks close). On CPU, vLLM's OpenMP threads are
+bound per engine (`rollout.cpu_threads_bind`) and the learner can be pinned (`learner.cpu_affinity`);
+vLLM's engine-core and front-end processes are not bound (benchmarks/pipeline.py measures the effect).
 """
 
 from __future__ import annotations

@@ -102,8 +102,14 @@ def warm_start(model, tokenizer, steps: int, max_operand: int, seed: int, lr: fl
     return greedy_accuracy(model, tokenizer, max_operand, seed + 99)
 
 
-@__import__("torch").no_grad()
 def greedy_accuracy(model, tokenizer, max_operand: int, seed: int, n: int = 128) -> float:
+    import torch
+
+    with torch.no_grad():
+        return _greedy_accuracy(model, tokenizer, max_operand, seed, n)
+
+
+def _greedy_accuracy(model, tokenizer, max_operand: int, seed: int, n: int) -> float:
     import torch
 
     model.eval()
