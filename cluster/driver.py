@@ -130,16 +130,21 @@ class Trainer:
         self.write_actors()
 
     def _connect_fleet(self) -> None:
-        self.learner.init_broadcast(
-            self.fleet.engines, self.fleet.workers_per_engine, self.plan.weight_transfer
+        self.learner_call(
+            self.learner.init_broadcast,
+            self.fleet.engines,
+            self.fleet.workers_per_engine,
+            self.plan.weight_transfer,
         )
 
     def write_actors(self) -> None:
         """RUN_DIR/actors.json: the live processes (for operators, and for the fault tests that kill them)."""
         info = {
             "driver": os.getpid(),
-            "engines": [{"id": i, "pid": r["pid"]} for i, r in zip(self.fleet.ids, self.fleet.ready_info())],
-            "learner": self.learner.pids(),
+            "engines": [
+                {"id": i, "pid": r and r["pid"]} for i, r in zip(self.fleet.ids, self.fleet.ready_info())
+            ],
+            "learner": self.learner_call(self.learner.pids),
             "reward_workers": self.rewards.worker_pids(),
         }
         tmp = self.run_dir / ".actors.json"
@@ -157,7 +162,7 @@ class Trainer:
 
     def reconnect_fleet(self) -> None:
         """A changed fleet gets a new transfer group and the current weights before it takes prompts."""
-        self.learner.shutdown_broadcast()
+        self.learner_call(self.learner.shutdown_broadcast)
         self._connect_fleet()
         self.learner_call(self.learner.broadcast, self.version)
         self.write_actors()
@@ -327,14 +332,16 @@ class Trainer:
         """Run a learner-group call; a dead rank stops the run with a message that names the checkpoint."""
         try:
             return fn(*args)
-        except ray.exceptions.RayActorError as e:
-            if isinstance(e, ray.exceptions.RayTaskError):
-                raise  # the rank is alive; its task failed (e.g. an engine it was sending to died)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            # A task error may be a live rank whose collective lost a dead peer: ask which ranks are gone.
+            dead = self.learner.dead_ranks()
+            if not dead:
+                raise  # every rank is alive; the task failed (e.g. an engine it was sending to died)
             last = latest_checkpoint(self.run_dir)
             where = f"last checkpoint: {last}" if last else "no checkpoint was written yet"
             raise RunStopped(
-                f"a learner rank died at step {self.step} ({type(e).__name__}); the run cannot go on without it. "
-                f"{where}. Continue with: duet train --resume {self.run_dir}"
+                f"a learner rank died at step {self.step} (rank {dead[0]}, {type(e).__name__}); the run cannot go "
+                f"on without it. {where}. Continue with: duet train --resume {self.run_dir}"
             ) from None
 
     def broadcast(self) -> dict:
@@ -346,7 +353,7 @@ class Trainer:
                 raise
             for k in self.fleet.dead_slots():
                 self.fleet.replace(k, "died during a broadcast", self.version)
-            self.learner.shutdown_broadcast()
+            self.learner_call(self.learner.shutdown_broadcast)
             self._connect_fleet()
             self.write_actors()
             return self.learner_call(self.learner.broadcast, self.version)
@@ -361,12 +368,21 @@ class Trainer:
         every = self.cfg.train.check_weights_every_steps
         if not every or self.version % every:
             return {}
-        versions = self.fleet.versions()
+        try:
+            return self._check_sync(sent_digest)
+        except ray.exceptions.RayActorError:
+            # An engine died after it took the weights: replace it (it gets the weights) and check again.
+            self.heal_fleet()
+            return self._check_sync(sent_digest)
+
+    def _check_sync(self, sent_digest: str | None) -> dict:
+        engines = self.fleet.engines
+        versions = ray.get([e.weight_version.remote() for e in engines])
         ok_versions = all(v == self.version for v in versions)
         ok_digest = True
         if sent_digest is not None:
             ok_digest = all(d == sent_digest for d in self.fleet.received_digests())
-        sums = self.fleet.checksums() if len(self.fleet.engines) > 1 else []
+        sums = self.fleet.checksums() if len(engines) > 1 else []
         ok_engines = all(s == sums[0] for s in sums)
         return {
             "sync/checksum_match": bool(ok_versions and ok_digest and ok_engines),
@@ -509,9 +525,9 @@ class Trainer:
             # Sampling RNG is reseeded per step from (run.seed, step), so the step number restores it.
             "rng": {"scheme": "engines reseeded from run.seed and the step", "seed": self.cfg.run.seed},
         }
-        self.learner.save_checkpoint(str(tmp / "deepspeed"), "state", state)
+        self.learner_call(self.learner.save_checkpoint, str(tmp / "deepspeed"), "state", state)
         if export:
-            self.learner.export_hf(str(tmp / "hf"), self.model_path)
+            self.learner_call(self.learner.export_hf, str(tmp / "hf"), self.model_path)
         (tmp / "driver_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -82,7 +82,9 @@ class RolloutFleet:
         """Spread prompts over the engines, least-loaded first; a prompt's whole group goes to one engine.
         `sampling` overrides the training sampling (evaluation uses its own temperature, top-p, top-k);
         `seed` makes the synchronous loop's batches reproducible (see RolloutEngine.generate)."""
-        loads = ray.get([e.load.remote() for e in self.engines])
+        # A dead engine reads as idle: it gets its share, its generate call fails at once, and the
+        # caller's recovery (replace, reconnect, resubmit) runs on the prompts it held.
+        loads = [0 if n is None else n for n in self._each("load")]
         chunks: list[list[Prompt]] = [[] for _ in self.engines]
         for p in prompts:
             k = min(range(len(loads)), key=lambda j: loads[j])
@@ -135,8 +137,22 @@ class RolloutFleet:
             {"time": time.time(), "event": "engine_replaced", "old": old_id, "new": i, "reason": reason}
         )
 
-    def ready_info(self) -> list[dict]:
-        return ray.get([e.ready.remote() for e in self.engines])
+    def ready_info(self) -> list[dict | None]:
+        """Each engine's `ready()` answer; None for one that is dead (the next step replaces it)."""
+        return self._each("ready")
+
+    def _each(self, method: str, timeout_s: float = 30.0) -> list:
+        """Call `method` on every engine; a dead or silent engine gives None instead of failing the caller.
+        For reporting only: decisions that need every engine's answer call the engines directly."""
+        refs = [getattr(e, method).remote() for e in self.engines]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=0))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                out.append(None)
+        return out
 
     def dead_slots(self, timeout_s: float = 30.0) -> list[int]:
         """Slots whose engine does not answer a trivial call (its process died)."""
@@ -149,8 +165,9 @@ class RolloutFleet:
                 dead.append(k)
         return dead
 
-    def versions(self) -> list[int]:
-        return ray.get([e.weight_version.remote() for e in self.engines])
+    def versions(self) -> list[int | None]:
+        """Each engine's loaded policy version; None for an engine that is dead."""
+        return self._each("weight_version")
 
     def received_digests(self) -> list[str | None]:
         out = []

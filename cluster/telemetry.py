@@ -115,7 +115,8 @@ class Telemetry:
         if "policy_version" in m:
             self.learner_version.set(m["policy_version"])
         for engine, version in engine_versions.items():
-            self.engine_version.set(version, tags={"engine": str(engine)})
+            if version is not None:  # None: the engine died since the step; the next step replaces it
+                self.engine_version.set(version, tags={"engine": str(engine)})
         self.engines.set(len(engine_versions))
         if "depth" in queue_stats:
             self.queue_depth.set(queue_stats["depth"])

@@ -107,6 +107,21 @@ class LearnerGroup:
     def pids(self) -> list[int]:
         return [r["pid"] for r in ray.get([w.ready.remote() for w in self.workers])]
 
+    def dead_ranks(self, timeout_s: float = 30.0) -> list[int]:
+        """Ranks whose process is gone. A rank that is only slow to answer is not counted."""
+        refs = [w.ready.remote() for w in self.workers]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        dead = []
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError as e:
+                if not isinstance(e, ray.exceptions.RayTaskError):
+                    dead.append(rank)
+            except ray.exceptions.GetTimeoutError:
+                pass
+        return dead
+
     def _shard(self, rows: list[dict]) -> list[list[dict]]:
         """Longest first onto the least-loaded rank: ranks finish their forward/backward together.
         Every rank gets a shard (maybe empty): all of them must take part in each step's collectives."""

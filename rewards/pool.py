@@ -110,9 +110,32 @@ class RewardPool:
         with self._lock:
             return list(self._workers)
 
-    def worker_pids(self, timeout_s: float = 30.0) -> list[int]:
-        """Process ids of the worker actors (for diagnostics and fault-injection tests)."""
-        return [r["pid"] for r in ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)]
+    def worker_pids(self, timeout_s: float = 30.0) -> list[int | None]:
+        """Process ids of the worker actors (for diagnostics and fault-injection tests).
+
+        A worker found dead here is replaced and the replacement's pid reported: a death between two
+        scoring calls must not fail the caller. A worker too busy to answer in time reports None.
+        """
+        pids, dead = self._ping(timeout_s)
+        for slot, w in dead:
+            self._replace(slot, w, "found dead")
+        return self._ping(timeout_s)[0] if dead else pids
+
+    def _ping(self, timeout_s: float) -> tuple[list[int | None], list[tuple[int, Any]]]:
+        workers = self.workers
+        refs = [w.ready.remote() for w in workers]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        pids: list[int | None] = []
+        dead: list[tuple[int, Any]] = []
+        for slot, (w, ref) in enumerate(zip(workers, refs, strict=True)):
+            try:
+                pids.append(ray.get(ref, timeout=0)["pid"])
+            except GetTimeoutError:
+                pids.append(None)
+            except RayActorError:
+                dead.append((slot, w))
+                pids.append(None)
+        return pids, dead
 
     def score(self, items: list[VerifyItem]) -> list[VerifyResult]:
         """Score items, blocking; returns exactly one result per item, in order."""

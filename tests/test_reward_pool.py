@@ -163,6 +163,30 @@ def test_sigkill_worker_pid_mid_batch(pool: RewardPool) -> None:
     _kill_mid_batch(pool, "os.kill")
 
 
+def test_worker_dead_between_calls_is_replaced_by_worker_pids(pool: RewardPool) -> None:
+    """The race CI once hit: a worker dies between two scoring calls and the driver asks for pids
+    (to write actors.json) before any scoring notices. That must replace it, not raise."""
+    n_replaced = len(pool.replaced)
+    pid = pool.worker_pids()[1]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+    pids = pool.worker_pids()
+    assert pids[1] is not None and pids[1] != pid and pids[0] is not None
+    assert len(pool.replaced) == n_replaced + 1 and pool.replaced[-1]["reason"] == "found dead"
+    more, more_expected = numbered(10)
+    check(pool.score(more), more_expected)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_item_that_kills_its_worker_twice_scores_worker_died(pool: RewardPool) -> None:
     """A poison item kills every worker that runs it: retried once, then `error: worker died`."""
     n_replaced = len(pool.replaced)
