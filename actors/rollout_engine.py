@@ -9,6 +9,7 @@ and receives new weights through `init_weight_transfer_engine` / `start_weight_u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from typing import Any
@@ -148,14 +149,20 @@ class RolloutEngine:
         await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
     async def start_weight_update(self) -> None:
-        # Idempotent: if a broadcast broke off (another engine died), this engine is still inside its
-        # update; the driver's full re-broadcast then completes that same update.
-        if not self.update_active:
-            # "keep": requests in flight stay where they are and continue under the new weights after
-            # the transfer (their completions record both versions); the fleet stops only for the copy.
-            await self.engine.pause_generation(mode="keep", clear_cache=False)
+        if self.update_active:
+            # A broadcast broke off (another engine died) with this engine inside its update. vLLM
+            # reloads layer by layer, and the layers whose weights all arrived are already processed:
+            # loading into them again fails. So close that update (layers that got nothing keep their
+            # old tensors) and open a fresh one; the driver's re-broadcast then sends every weight.
+            with contextlib.suppress(Exception):  # the worker may have closed it on a failed receive
+                await self.engine.finish_weight_update()
             await self.engine.start_weight_update()
-            self.update_active = True
+            return
+        # "keep": requests in flight stay where they are and continue under the new weights after the
+        # transfer (their completions record both versions); the fleet stops only for the copy.
+        await self.engine.pause_generation(mode="keep", clear_cache=False)
+        await self.engine.start_weight_update()
+        self.update_active = True
 
     async def update_weights(self, update_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest

@@ -102,6 +102,7 @@ class GlooWeightTransferEngine(
         self.store = None
         self.bucket_bytes = 0
         self.last_digest: str | None = None
+        self.reload_open = False  # inside initialize/finalize_layerwise_reload
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         rank = init_info.rank_offset + self.parallel_config.rank
@@ -111,9 +112,17 @@ class GlooWeightTransferEngine(
         )
 
     def start_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
 
+        if self.reload_open:
+            # The last update failed mid-receive and vLLM's worker dropped its session without finishing
+            # the reload; layers left half-buffered would count old and new bytes together. Close it first.
+            finalize_layerwise_reload(self.model, self.model_config)
         initialize_layerwise_reload(self.model)
+        self.reload_open = True
         self.last_digest = None
         self._bucket_digests: list[str] = []
 
@@ -143,6 +152,7 @@ class GlooWeightTransferEngine(
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        self.reload_open = False
         self.last_digest = digest_of(self._bucket_digests)
 
     def shutdown(self) -> None:

@@ -358,6 +358,18 @@ class Trainer:
             self.write_actors()
             return self.learner_call(self.learner.broadcast, self.version)
 
+    def evaluate(self) -> dict:
+        """Score the held-out set on the current weights. An engine that dies meanwhile is replaced (it
+        gets the current weights) and the evaluation starts over, so every problem keeps its n samples."""
+        cfg = self.cfg
+        args = (self.eval_set, cfg.eval.samples_per_prompt, eval_sampling(cfg), cfg.rewards.verifier)
+        try:
+            return evaluate(self.fleet, self.rewards, *args)
+        except ray.exceptions.RayActorError:
+            if not self.heal_fleet():
+                raise
+            return evaluate(self.fleet, self.rewards, *args)
+
     def check_sync(self, sent_digest: str | None) -> dict:
         """After a broadcast: did every engine get exactly the learner's weights?
 
@@ -472,15 +484,7 @@ class Trainer:
                 self.step += 1
                 metrics = {"step": self.step, **step_fn()}
                 if self.eval_set is not None and self.step % cfg.eval.every_steps == 0:
-                    result = evaluate(
-                        self.fleet,
-                        self.rewards,
-                        self.eval_set,
-                        cfg.eval.samples_per_prompt,
-                        eval_sampling(cfg),
-                        cfg.rewards.verifier,
-                    )
-                    metrics.update(eval_metrics(result))
+                    metrics.update(eval_metrics(self.evaluate()))
                 metrics["queue"] = ray.get(self.queue.stats.remote())
                 metrics["engines"] = len(self.fleet.engines)
                 events = self.fleet.events + [

@@ -94,6 +94,9 @@ def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_
         "rollout.num_engines=2",
         f"data.synthetic_problems={steps * per_step}",
         "algorithm.filter_tied=false",
+        "eval.every_steps=3",  # in-run evaluation shares the fleet: it must survive the replacement too
+        "eval.synthetic_problems=16",
+        "eval.samples_per_prompt=2",
         *SMALL,
         model_cache=model_cache,
     )
@@ -115,6 +118,10 @@ def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_
         assert m["rollouts"] == 2 * per_step
     trained = [i for m in metrics for i in m["data/trained_prompts"]]
     assert sorted(trained) == list(range(steps * per_step))  # no prompt lost, none trained twice
+    evaluated = [m["step"] for m in metrics if "eval/avg@n" in m]
+    assert evaluated == [3, 6, 9, 12] and all(
+        0.0 <= m["eval/avg@n"] <= 1.0 for m in metrics if "eval/avg@n" in m
+    )
 
 
 def test_dead_learner_stops_with_checkpoint_then_resumes(tmp_path, model_cache, tiny_model):

