@@ -17,7 +17,9 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group
@@ -151,21 +153,30 @@ class Trainer:
         tmp.write_text(json.dumps(info))
         tmp.replace(self.run_dir / "actors.json")
 
-    def heal_fleet(self) -> bool:
-        """Replace engines that died (found by a cheap call with a deadline); reconnect and push weights."""
+    def heal_fleet(self, reason: str) -> dict | None:
+        """Replace engines that died (found by a cheap call with a deadline); reconnect and push weights.
+        Returns the broadcast's result, or None when every engine was alive."""
         dead = self.fleet.dead_slots()
         for k in dead:
-            self.fleet.replace(k, "found dead before a step", self.version)
-        if dead:
-            self.reconnect_fleet()
-        return bool(dead)
+            self.fleet.replace(k, reason, self.version)
+        return self.reconnect_fleet() if dead else None
 
-    def reconnect_fleet(self) -> None:
+    def reconnect_fleet(self) -> dict:
         """A changed fleet gets a new transfer group and the current weights before it takes prompts."""
         self.learner_call(self.learner.shutdown_broadcast)
         self._connect_fleet()
-        self.learner_call(self.learner.broadcast, self.version)
+        sent = self.learner_call(self.learner.broadcast, self.version)
         self.write_actors()
+        return sent
+
+    def healing(self, fn: Callable[[], Any], reason: str) -> Any:
+        """Run `fn()`; if an engine died meanwhile, replace it (it gets the current weights), run it again."""
+        try:
+            return fn()
+        except ray.exceptions.RayActorError:
+            if self.heal_fleet(reason) is None:
+                raise
+            return fn()
 
     # ---- one step of the synchronous loop ----
     def rollout(self, prompts: list[Prompt]) -> tuple[list[ScoredGroup], dict]:
@@ -230,7 +241,7 @@ class Trainer:
         all_scored: list[ScoredGroup] = []
         batch: list[ScoredGroup] = []
         rounds = 0
-        self.heal_fleet()
+        self.heal_fleet("found dead before a step")
         prompts = self.prompts.take(want)
         while True:
             self._round = rounds
@@ -349,26 +360,17 @@ class Trainer:
         try:
             return self.learner_call(self.learner.broadcast, self.version)
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError):
-            if not self.fleet.dead_slots():
+            sent = self.heal_fleet("died during a broadcast")  # the replacement's broadcast sends to all
+            if sent is None:
                 raise
-            for k in self.fleet.dead_slots():
-                self.fleet.replace(k, "died during a broadcast", self.version)
-            self.learner_call(self.learner.shutdown_broadcast)
-            self._connect_fleet()
-            self.write_actors()
-            return self.learner_call(self.learner.broadcast, self.version)
+            return sent
 
     def evaluate(self) -> dict:
         """Score the held-out set on the current weights. An engine that dies meanwhile is replaced (it
         gets the current weights) and the evaluation starts over, so every problem keeps its n samples."""
         cfg = self.cfg
         args = (self.eval_set, cfg.eval.samples_per_prompt, eval_sampling(cfg), cfg.rewards.verifier)
-        try:
-            return evaluate(self.fleet, self.rewards, *args)
-        except ray.exceptions.RayActorError:
-            if not self.heal_fleet():
-                raise
-            return evaluate(self.fleet, self.rewards, *args)
+        return self.healing(lambda: evaluate(self.fleet, self.rewards, *args), "died during evaluation")
 
     def check_sync(self, sent_digest: str | None) -> dict:
         """After a broadcast: did every engine get exactly the learner's weights?
@@ -380,12 +382,7 @@ class Trainer:
         every = self.cfg.train.check_weights_every_steps
         if not every or self.version % every:
             return {}
-        try:
-            return self._check_sync(sent_digest)
-        except ray.exceptions.RayActorError:
-            # An engine died after it took the weights: replace it (it gets the weights) and check again.
-            self.heal_fleet()
-            return self._check_sync(sent_digest)
+        return self.healing(lambda: self._check_sync(sent_digest), "died after a broadcast")
 
     def _check_sync(self, sent_digest: str | None) -> dict:
         engines = self.fleet.engines

@@ -16,6 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.rollout_engine import RolloutEngine
 from cluster.config import Config
+from cluster.liveness import ANSWERED, poll
 from cluster.placement import Plan
 from cluster.records import Prompt
 
@@ -144,26 +145,12 @@ class RolloutFleet:
     def _each(self, method: str, timeout_s: float = 30.0) -> list:
         """Call `method` on every engine; a dead or silent engine gives None instead of failing the caller.
         For reporting only: decisions that need every engine's answer call the engines directly."""
-        refs = [getattr(e, method).remote() for e in self.engines]
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        out = []
-        for ref in refs:
-            try:
-                out.append(ray.get(ref, timeout=0))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                out.append(None)
-        return out
+        return [value for _, value in poll([getattr(e, method).remote() for e in self.engines], timeout_s)]
 
     def dead_slots(self, timeout_s: float = 30.0) -> list[int]:
-        """Slots whose engine does not answer a trivial call (its process died)."""
-        refs = [e.load.remote() for e in self.engines]
-        dead = []
-        for k, ref in enumerate(refs):
-            try:
-                ray.get(ref, timeout=timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                dead.append(k)
-        return dead
+        """Slots whose engine does not answer a trivial call (its process died, or it hangs)."""
+        verdicts = poll([e.load.remote() for e in self.engines], timeout_s)
+        return [k for k, (verdict, _) in enumerate(verdicts) if verdict != ANSWERED]
 
     def versions(self) -> list[int | None]:
         """Each engine's loaded policy version; None for an engine that is dead."""

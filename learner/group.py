@@ -17,6 +17,7 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import Config
+from cluster.liveness import DEAD, poll
 from cluster.records import ScoredGroup
 from learner.advantages import compute_advantages
 from learner.losses import overlong_adjust
@@ -109,18 +110,8 @@ class LearnerGroup:
 
     def dead_ranks(self, timeout_s: float = 30.0) -> list[int]:
         """Ranks whose process is gone. A rank that is only slow to answer is not counted."""
-        refs = [w.ready.remote() for w in self.workers]
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        dead = []
-        for rank, ref in enumerate(refs):
-            try:
-                ray.get(ref, timeout=0)
-            except ray.exceptions.RayActorError as e:
-                if not isinstance(e, ray.exceptions.RayTaskError):
-                    dead.append(rank)
-            except ray.exceptions.GetTimeoutError:
-                pass
-        return dead
+        verdicts = poll([w.ready.remote() for w in self.workers], timeout_s)
+        return [rank for rank, (verdict, _) in enumerate(verdicts) if verdict == DEAD]
 
     def _shard(self, rows: list[dict]) -> list[list[dict]]:
         """Longest first onto the least-loaded rank: ranks finish their forward/backward together.

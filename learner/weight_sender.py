@@ -123,11 +123,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             for _ in self.source:  # join the trainer-side gathers only
                 pass
             return
-        info = GlooWeightTransferUpdateInfo(
-            names=[m.name for m in meta],
-            dtype_names=[str(m.dtype).split(".")[-1] for m in meta],
-            shapes=[list(m.shape) for m in meta],
-        )
+        info = describe_update(meta)
         self.client.start_weight_update()
         exe = ThreadPoolExecutor(max_workers=1)
         try:
@@ -158,6 +154,15 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
     def shutdown(self) -> None:
         self.group = None
         self.store = None
+
+
+def describe_update(meta: list[ParamMeta]) -> GlooWeightTransferUpdateInfo:
+    """What the receivers need to cut the byte buckets back into named tensors."""
+    return GlooWeightTransferUpdateInfo(
+        names=[m.name for m in meta],
+        dtype_names=[str(m.dtype).split(".")[-1] for m in meta],
+        shapes=[list(m.shape) for m in meta],
+    )
 
 
 class ZeroModuleSource(WeightSource):

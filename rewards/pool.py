@@ -30,6 +30,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from cluster.config import RewardsConfig
+from cluster.liveness import DEAD, poll
 from cluster.records import VerifyItem, VerifyResult
 from rewards.remote import RemoteVerifier
 from rewards.verifiers import safe_echo
@@ -116,26 +117,14 @@ class RewardPool:
         A worker found dead here is replaced and the replacement's pid reported: a death between two
         scoring calls must not fail the caller. A worker too busy to answer in time reports None.
         """
-        pids, dead = self._ping(timeout_s)
-        for slot, w in dead:
-            self._replace(slot, w, "found dead")
-        return self._ping(timeout_s)[0] if dead else pids
-
-    def _ping(self, timeout_s: float) -> tuple[list[int | None], list[tuple[int, Any]]]:
         workers = self.workers
-        refs = [w.ready.remote() for w in workers]
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        pids: list[int | None] = []
-        dead: list[tuple[int, Any]] = []
-        for slot, (w, ref) in enumerate(zip(workers, refs, strict=True)):
-            try:
-                pids.append(ray.get(ref, timeout=0)["pid"])
-            except GetTimeoutError:
-                pids.append(None)
-            except RayActorError:
-                dead.append((slot, w))
-                pids.append(None)
-        return pids, dead
+        verdicts = poll([w.ready.remote() for w in workers], timeout_s)
+        dead = [slot for slot, (verdict, _) in enumerate(verdicts) if verdict == DEAD]
+        for slot in dead:
+            self._replace(slot, workers[slot], "found dead")
+        if dead:  # ask again: a replacement answers once it has started
+            verdicts = poll([w.ready.remote() for w in self.workers], timeout_s)
+        return [info and info["pid"] for _, info in verdicts]
 
     def score(self, items: list[VerifyItem]) -> list[VerifyResult]:
         """Score items, blocking; returns exactly one result per item, in order."""

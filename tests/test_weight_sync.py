@@ -17,7 +17,6 @@ def test_broadcast_two_engines_two_ranks(local_ray, tiny_model):
 
     from actors.rollout_engine import RolloutEngine
     from cluster.config import load_config
-    from cluster.records import Prompt
     from learner.group import LearnerGroup
 
     path = str(tiny_model)
@@ -54,18 +53,8 @@ def test_broadcast_two_engines_two_ranks(local_ray, tiny_model):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.load_state_dict(learner.full_state_dict())
     model.eval()
-    prompts = [Prompt(i, f"{i}+{i + 1}=", str(2 * i + 1)) for i in range(4)]
     for engine in engines:
-        groups = ray.get(engine.generate.remote(prompts, 2, {"temperature": 1.0, "max_tokens": 8}))
-        for group in groups:
-            for c in group:
-                ids = torch.tensor([c.prompt_token_ids + c.token_ids])
-                with torch.no_grad():
-                    logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-                p = len(c.prompt_token_ids)
-                hf = torch.tensor([logp[p - 1 + i, t].item() for i, t in enumerate(c.token_ids)])
-                assert c.version_start == c.version_end == 7
-                assert torch.allclose(hf, torch.tensor(c.logprobs), atol=1e-3), (hf, c.logprobs)
+        assert_samples_from(ray, engine, model, version=7, prompts=4)
     learner.shutdown()
     for e in engines:
         ray.get(e.shutdown.remote())
@@ -85,13 +74,12 @@ def test_rebroadcast_into_an_update_that_broke_off(local_ray, tiny_model):
     from transformers import AutoModelForCausalLM
 
     from actors.rollout_engine import RolloutEngine
-    from actors.weight_receiver import GlooWeightTransferUpdateInfo
-    from cluster.records import Prompt
     from learner.weight_sender import (
         EngineFleetClient,
         GlooTrainerInitInfo,
         GlooTrainerWeightTransferEngine,
         ZeroModuleSource,
+        describe_update,
     )
 
     ray = local_ray
@@ -126,14 +114,9 @@ def test_rebroadcast_into_an_update_that_broke_off(local_ray, tiny_model):
     # 1. the broken broadcast: start, every byte received and loaded, then the sender fails before finish
     perturb(1)
     meta = sender.source.metadata()
-    update = GlooWeightTransferUpdateInfo(
-        names=[m.name for m in meta],
-        dtype_names=[str(m.dtype).split(".")[-1] for m in meta],
-        shapes=[list(m.shape) for m in meta],
-    )
     client.start_weight_update()
     with ThreadPoolExecutor(max_workers=1) as exe:
-        receiving = exe.submit(client.update_weights, asdict(update))
+        receiving = exe.submit(client.update_weights, asdict(describe_update(meta)))
         sender._broadcast(meta)
         receiving.result()
 
@@ -144,14 +127,23 @@ def test_rebroadcast_into_an_update_that_broke_off(local_ray, tiny_model):
     assert ray.get(engine.weight_version.remote()) == 2
 
     # the engine samples from exactly the re-broadcast weights (and is generating again)
-    prompts = [Prompt(i, f"{i}+{i + 1}=", str(2 * i + 1)) for i in range(3)]
-    for group in ray.get(engine.generate.remote(prompts, 2, {"temperature": 1.0, "max_tokens": 8})):
+    assert_samples_from(ray, engine, model, version=2, prompts=3)
+    sender.shutdown()
+    ray.get(engine.shutdown.remote())
+
+
+def assert_samples_from(ray, engine, model, version: int, prompts: int) -> None:
+    """The engine's log-probs of its own samples equal a transformers forward of `model` (within 1e-3),
+    and every sample was generated under `version`."""
+    from cluster.records import Prompt
+
+    batch = [Prompt(i, f"{i}+{i + 1}=", str(2 * i + 1)) for i in range(prompts)]
+    for group in ray.get(engine.generate.remote(batch, 2, {"temperature": 1.0, "max_tokens": 8})):
         for c in group:
             ids = torch.tensor([c.prompt_token_ids + c.token_ids])
             with torch.no_grad():
                 logp = torch.log_softmax(model(ids).logits[0].float(), -1)
             p = len(c.prompt_token_ids)
             hf = torch.tensor([logp[p - 1 + i, t].item() for i, t in enumerate(c.token_ids)])
+            assert c.version_start == c.version_end == version
             assert torch.allclose(hf, torch.tensor(c.logprobs), atol=1e-3), (hf, c.logprobs)
-    sender.shutdown()
-    ray.get(engine.shutdown.remote())

@@ -1,0 +1,25 @@
+"""`poll`: one deadline for several actors, and the dead told apart from the slow (real Ray actors)."""
+
+from __future__ import annotations
+
+import time
+
+from cluster.liveness import ANSWERED, DEAD, SILENT, poll
+
+
+def test_poll_tells_answered_dead_and_silent_apart(local_ray):
+    ray = local_ray
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ping(self, delay_s: float = 0.0) -> str:
+            time.sleep(delay_s)
+            return "pong"
+
+    alive, dead, slow = Probe.remote(), Probe.remote(), Probe.remote()
+    ray.get([p.ping.remote() for p in (alive, dead, slow)])
+    ray.kill(dead, no_restart=True)
+    t0 = time.perf_counter()
+    verdicts = poll([alive.ping.remote(), dead.ping.remote(), slow.ping.remote(30.0)], timeout_s=2.0)
+    assert verdicts == [(ANSWERED, "pong"), (DEAD, None), (SILENT, None)]
+    assert time.perf_counter() - t0 < 10  # one shared deadline, not one per actor
