@@ -7,6 +7,7 @@ dotted name of the field in the message. Load from YAML, apply a preset, then `a
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -318,32 +319,21 @@ class Config(_Section):
 
 
 # ---- presets: one word names a whole algorithm setting (README, Presets) ----
+# The paper's GRPO setting (arXiv 2510.00977): population std (±1 pairs), clip-higher, tied groups dropped.
+_PAPER_GRPO = {
+    "advantage": "grpo",
+    "std": "population",
+    "clip_low": 0.2,
+    "clip_high": 0.28,
+    "aggregation": "seq_mean_token_mean",
+    "filter_tied": True,
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's 2-GRPO: population std (±1 pairs), clip-higher, tied pairs dropped.
-    "2-grpo": {
-        "rollout": {"group_size": 2},
-        "algorithm": {
-            "advantage": "grpo",
-            "std": "population",
-            "clip_low": 0.2,
-            "clip_high": 0.28,
-            "aggregation": "seq_mean_token_mean",
-            "filter_tied": True,
-        },
-    },
+    # The paper's 2-GRPO.
+    "2-grpo": {"rollout": {"group_size": 2}, "algorithm": _PAPER_GRPO},
     # The paper's baseline: 16 rollouts per prompt. Under its protocol (same rollouts per step) also
     # set rollout.prompts_per_step to 1/8 and learner.lr to 1/8 of 2-GRPO's (configs/ do).
-    "16-grpo": {
-        "rollout": {"group_size": 16},
-        "algorithm": {
-            "advantage": "grpo",
-            "std": "population",
-            "clip_low": 0.2,
-            "clip_high": 0.28,
-            "aggregation": "seq_mean_token_mean",
-            "filter_tied": True,
-        },
-    },
+    "16-grpo": {"rollout": {"group_size": 16}, "algorithm": _PAPER_GRPO},
     # Dr. GRPO (Liu et al., 2025): no std, constant length normaliser.
     "dr-grpo": {
         "algorithm": {"advantage": "dr_grpo", "aggregation": "seq_mean_token_sum_norm", "filter_tied": True},
@@ -370,10 +360,15 @@ class ConfigError(ValueError):
 
 
 def deep_merge(base: dict, update: dict) -> dict:
-    """`base` updated by `update`, section by section (nested dicts merge; other values replace)."""
-    out = dict(base)
+    """`base` updated by `update`, section by section (nested dicts merge; other values replace). A new
+    tree: later overrides that set values in it leave `base`, `update` (and PRESETS) as they were."""
+    out = copy.deepcopy(base)
     for k, v in update.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            deep_merge(out[k], v)
+            if isinstance(v, dict) and isinstance(out.get(k), dict)
+            else copy.deepcopy(v)
+        )
     return out
 
 

@@ -56,7 +56,8 @@ class RunControl:
     The loop calls `publish` after every step (what /status shows) and `apply` before every step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = str(run_dir)
         self._requests: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._status: dict = {"state": "starting"}
@@ -82,9 +83,22 @@ class RunControl:
     def checkpoint(self) -> dict:
         return self._queue("checkpoint")
 
-    def publish(self, status: dict) -> None:
+    def publish(
+        self, step: int, steps: int, version: int, engine_versions: dict[int, int | None], metrics: dict
+    ) -> None:
+        """What /status shows from now on: the step just done and its scalar metrics."""
+        status = {
+            "state": "running",
+            "step": step,
+            "steps": steps,
+            "policy_version": version,
+            "engines": [{"id": i, "version": v} for i, v in engine_versions.items()],
+            "queue_depth": metrics.get("queue", {}).get("depth", 0),
+            "last_metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
+            "run_dir": self.run_dir,
+        }
         with self._lock:
-            self._status = {"state": "running", **status}
+            self._status = status
 
     def apply(self, scale: Callable[[int], Any], checkpoint: Callable[[], Path]) -> list[dict]:
         """Apply the queued requests: `scale(engines)` resizes the fleet, `checkpoint()` saves one and

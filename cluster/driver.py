@@ -14,7 +14,6 @@ producer (pipeline.py), scoring (scoring.py) and evaluation (evaluation.py).
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +35,7 @@ from cluster.metrics import MetricsWriter
 from cluster.pipeline import RolloutProducer
 from cluster.placement import make_plan
 from cluster.records import Prompt, ScoredGroup
-from cluster.scoring import Scoring, group_metrics
+from cluster.scoring import Scoring, group_metrics, staleness_metrics
 from cluster.telemetry import Telemetry
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
@@ -68,7 +67,7 @@ class Trainer:
         self.eval_set = eval_prompts(cfg) if cfg.eval.every_steps else None
         self.step = 0
         self.version = 0
-        self.control = RunControl()
+        self.control = RunControl(run_dir)
         self.producer: RolloutProducer | None = None  # asynchronous mode only
         self.timeline: list[dict] = []  # who was busy when: engines, rewards, learner, broadcast
         self.resume_from = latest_checkpoint(run_dir) if resume else None
@@ -111,7 +110,7 @@ class Trainer:
                 writer.write(metrics)
                 engine_versions = dict(zip(self.fleet.ids, self.fleet.versions()))
                 telemetry.record_step(metrics, engine_versions, metrics["queue"])
-                self.control.publish(self.status(metrics, engine_versions))
+                self.control.publish(self.step, cfg.train.steps, self.version, engine_versions, metrics)
                 if cfg.run.progress:
                     print(progress_line(metrics, cfg.train.steps), file=sys.stderr, flush=True)
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
@@ -168,23 +167,29 @@ class Trainer:
         generated again after heal_fleet has replaced the engine."""
         g, t0 = self.cfg.rollout.group_size, time.perf_counter()
         seed = self.cfg.run.seed * 1_000_003 + self.step * 101 + round_
-        pending = {ref: (k, chunk) for k, chunk, ref in self.fleet.submit(prompts, g, seed=seed)}
+        pending: dict = {}  # ref -> (engine id, its prompts)
+
+        def submit(chunk: list[Prompt]) -> None:
+            pending.update({r: (self.fleet.ids[k], c) for k, c, r in self.fleet.submit(chunk, g, seed=seed)})
+
+        submit(prompts)
         scoring: list[Scoring] = []
         gen_done = t0
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
-            k, chunk = pending.pop(ref)
+            engine_id, chunk = pending.pop(ref)
             try:
                 groups = ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                if self.heal_fleet(f"died mid-step: {type(e).__name__}") is None:
+                self.heal_fleet(f"died mid-step: {type(e).__name__}")  # (may have replaced it already)
+                if engine_id in self.fleet.ids:  # it answers a liveness call: not a death to mend
                     raise
-                pending.update({r: (kk, c) for kk, c, r in self.fleet.submit(chunk, g, seed=seed)})
+                submit(chunk)
                 continue
             gen_done = time.perf_counter()
             now = time.time()
             self.timeline.append(
-                {"component": f"engine {self.fleet.ids[k]}", "start": now - (gen_done - t0), "end": now}
+                {"component": f"engine {engine_id}", "start": now - (gen_done - t0), "end": now}
             )
             scoring.append(
                 Scoring(self.rewards, chunk, groups, self.cfg.rewards.verifier, self.cfg.algorithm)
@@ -207,18 +212,13 @@ class Trainer:
             if self.producer.error is not None:
                 raise self.producer.error
             lost = self.producer.lost_engines()
-            if lost and self.heal_fleet(f"died mid-step (engines {lost})") is None:
-                raise RuntimeError(f"engines {lost} failed a generate call but answer a liveness call")
+            if lost:
+                self.heal_fleet(f"died mid-step (engines {lost})")
+                if set(lost) & set(self.fleet.ids):
+                    raise RuntimeError(f"engines {lost} failed a generate call but answer a liveness call")
             batch += ray.get(self.queue.take.remote(want - len(batch), self.version, 1.0))
         metrics = {"time/wait_data_s": time.perf_counter() - t0, "time/generate_s": 0.0, "time/reward_s": 0.0}
-        ages: dict[str, int] = {}
-        for group in batch:
-            age = str(self.version - group.version)
-            ages[age] = ages.get(age, 0) + 1
-        metrics["staleness/histogram"] = ages
-        metrics["staleness/max_in_flight_versions"] = max(
-            (c.version_end - c.version_start for group in batch for c in group.completions), default=0
-        )
+        metrics.update(staleness_metrics(batch, self.version))
         return batch, self.producer.take_scored(), metrics
 
     def learn(
@@ -413,28 +413,9 @@ class Trainer:
 
     def write_actors(self) -> None:
         """RUN_DIR/actors.json: the live processes (for operators, and for the fault tests that kill them)."""
-        engines = zip(self.fleet.ids, self.fleet.ready_info())
-        runtime.write_actors(
-            self.run_dir,
-            {
-                "driver": os.getpid(),
-                "engines": [{"id": i, "pid": r and r["pid"]} for i, r in engines],
-                "learner": self.learner_call(self.learner.pids),
-                "reward_workers": self.rewards.worker_pids(),
-            },
-        )
-
-    def status(self, metrics: dict, engine_versions: dict[int, int | None]) -> dict:
-        """What GET /status shows after a step."""
-        return {
-            "step": self.step,
-            "steps": self.cfg.train.steps,
-            "policy_version": self.version,
-            "engines": [{"id": i, "version": v} for i, v in engine_versions.items()],
-            "queue_depth": metrics.get("queue", {}).get("depth", 0),
-            "last_metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
-            "run_dir": str(self.run_dir),
-        }
+        engines = {i: info and info["pid"] for i, info in zip(self.fleet.ids, self.fleet.ready_info())}
+        learner = self.learner_call(self.learner.pids)
+        runtime.write_actors(self.run_dir, engines, learner, self.rewards.worker_pids())
 
     def shutdown(self) -> None:
         """Release everything this run holds, so several runs can share one Ray (benchmarks, tests)."""

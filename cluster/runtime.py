@@ -84,8 +84,17 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
-def write_actors(run_dir: Path, info: dict) -> None:
-    """RUN_DIR/actors.json, replaced atomically (operators and the fault tests read it mid-run)."""
+def write_actors(
+    run_dir: Path, engine_pids: dict[int, int | None], learner_pids: list[int], reward_pids: list[int | None]
+) -> None:
+    """RUN_DIR/actors.json (engine id → pid, None for an engine that did not answer), replaced
+    atomically: operators and the fault tests read it mid-run."""
+    info = {
+        "driver": os.getpid(),
+        "engines": [{"id": i, "pid": pid} for i, pid in engine_pids.items()],
+        "learner": learner_pids,
+        "reward_workers": reward_pids,
+    }
     tmp = run_dir / ".actors.json"
     tmp.write_text(json.dumps(info))
     tmp.replace(run_dir / "actors.json")

@@ -106,3 +106,14 @@ def group_metrics(
         "data/prompts": [s.prompt.index for s in scored],
         "data/trained_prompts": [s.prompt.index for s in batch],
     }
+
+
+def staleness_metrics(batch: list[ScoredGroup], version: int) -> dict[str, Any]:
+    """How old an asynchronous batch is: groups per age in versions, and the most versions any completion
+    spanned while it was generated (weights updated mid-completion)."""
+    ages: dict[str, int] = {}
+    for group in batch:
+        age = str(version - group.version)
+        ages[age] = ages.get(age, 0) + 1
+    spans = (c.version_end - c.version_start for group in batch for c in group.completions)
+    return {"staleness/histogram": ages, "staleness/max_in_flight_versions": max(spans, default=0)}
