@@ -37,8 +37,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -54,6 +52,7 @@ if str(ROOT) not in sys.path:
 
 import ray  # noqa: E402
 
+from benchmarks.common import add_common_arguments, provenance  # noqa: E402
 from cluster.config import Config, load_config  # noqa: E402
 from cluster.driver import Trainer  # noqa: E402
 from cluster.evaluation import eval_metrics  # noqa: E402
@@ -263,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-n", type=int, default=32, help="samples per problem of the final eval")
     ap.add_argument("--evals-per-epoch", type=int, default=1)
     ap.add_argument("--group-sizes", default="2,16", help="e.g. '2' for a pilot of 2-GRPO alone")
-    ap.add_argument("--model-cache", default="~/.cache/duet-rl")
-    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--quick", action="store_true", help="a ~3-minute smoke version (1 seed, tiny budget)")
-    ap.add_argument("--keep-runs", action="store_true", help="keep the run folders (metrics.jsonl)")
+    add_common_arguments(
+        ap,
+        quick_help="a ~3-minute smoke version (1 seed, tiny budget)",
+        keep_help="keep the run folders (metrics.jsonl)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.train_problems, args.evals_per_epoch = 1, 2, 64, 1
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.group_sizes != "2,16":
         name += "_g" + args.group_sizes.replace(",", "_")
     root = Path(tempfile.mkdtemp(prefix="duet-group-size-"))
-    load_before = os.getloadavg()
+    load_before = [round(x, 2) for x in os.getloadavg()]
     started = datetime.now(timezone.utc)
     init_ray(run_config(args, 2, 0, root))
     sizes = [int(g) for g in args.group_sizes.split(",")]
@@ -340,17 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_clock": "sum of time/step_s (generate + reward wait + train + broadcast + loop); "
             "start-up and evaluations excluded",
         },
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "load_avg_before": load_before,
-            "load_avg_after": os.getloadavg(),
-        },
-        "date": started.isoformat(timespec="seconds"),
-        "duration_s": (datetime.now(timezone.utc) - started).total_seconds(),
-        "command": "python "
-        + shlex.join(["benchmarks/group_size.py", *(sys.argv[1:] if argv is None else argv)]),
+        **provenance("group_size.py", argv, started, load_before),
     }
     if results["accuracy_gap"] is not None and results["time_ratio"] is not None:
         results["goals"]["met"] = results["accuracy_gap"] <= 2.0 and results["time_ratio"] <= 0.30

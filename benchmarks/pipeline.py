@@ -48,8 +48,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -66,6 +64,7 @@ if str(ROOT) not in sys.path:
 
 import ray  # noqa: E402
 
+from benchmarks.common import add_common_arguments, provenance  # noqa: E402
 from cluster.config import Config, load_config  # noqa: E402
 from cluster.data import PromptStream, load_prompts  # noqa: E402
 from cluster.driver import StepCallback, Trainer  # noqa: E402
@@ -684,10 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also run async k=1 with train.queue_capacity_groups = this × prompts_per_step (0: skip)",
     )
     ap.add_argument("--large-layers", type=int, default=8, help="larger model for the broadcast (0: skip)")
-    ap.add_argument("--model-cache", default="~/.cache/duet-rl")
-    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--quick", action="store_true", help="~3-minute smoke version")
-    ap.add_argument("--keep-runs", action="store_true", help="keep the run folders")
+    add_common_arguments(ap, quick_help="~3-minute smoke version", keep_help="keep the run folders")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.modes, args.large_layers, args.capped_queue = 4, 1, "1", 0, 0
@@ -833,17 +829,7 @@ def main(argv: list[str] | None = None) -> int:
                 "includes packing, sha256 at both ends, vLLM's pause/resume, load_weights with the "
                 "layerwise reload, and 3 RPC rounds into the engine",
             },
-            "machine": {
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "cpu_count": os.cpu_count(),
-                "load_avg_before": load_before,
-                "load_avg_after": load_avg(),
-            },
-            "date": started.isoformat(timespec="seconds"),
-            "duration_s": (datetime.now(timezone.utc) - started).total_seconds(),
-            "command": "python "
-            + shlex.join(["benchmarks/pipeline.py", *(sys.argv[1:] if argv is None else argv)]),
+            **provenance("pipeline.py", argv, started, load_before),
         }
     )
     json_path = out_dir / f"{name}.json"
