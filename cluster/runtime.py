@@ -32,6 +32,9 @@ def init_ray(cfg: Config) -> None:
         ray.init(log_to_driver=False)
         return
     ray.init(
+        # "local": a Ray of this run's own, even when `ray start` left a cluster on this machine (plain
+        # ray.init() would join that one, and refuse num_cpus there).
+        address="local",
         num_cpus=max(os.cpu_count() or 1, ray_cpus_needed(cfg)),
         include_dashboard=False,
         log_to_driver=False,
