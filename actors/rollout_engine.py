@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 import os
 import uuid
-from typing import Any
 
 import ray
 
+from cluster.config import SamplingConfig
 from cluster.records import Completion, Prompt
 
 
@@ -73,7 +73,7 @@ class RolloutEngine:
         self,
         prompts: list[Prompt],
         group_size: int,
-        sampling: dict[str, Any],
+        sampling: SamplingConfig,
         deterministic: bool = False,
         seed: int | None = None,
     ) -> list[list[Completion]]:
@@ -90,7 +90,7 @@ class RolloutEngine:
         # FINAL_ONLY: a streamed output with n > 1 carries only the children that changed.
         # No per-request seed: it kills the CPU engine (ENVIRONMENT.md).
         params = SamplingParams(
-            n=group_size, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY, **sampling
+            n=group_size, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY, **sampling.model_dump()
         )
         self.in_flight += len(prompts)
         version_start = self.version

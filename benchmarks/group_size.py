@@ -37,8 +37,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -53,12 +51,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import ray  # noqa: E402
-from ray.util.placement_group import remove_placement_group  # noqa: E402
 
+from benchmarks.common import add_common_arguments, provenance  # noqa: E402
 from cluster.config import Config, load_config  # noqa: E402
-from cluster.driver import Trainer, init_ray  # noqa: E402
-from cluster.evaluation import eval_metrics, eval_prompts, eval_sampling, evaluate  # noqa: E402
-from cluster.records import Prompt  # noqa: E402
+from cluster.driver import Trainer  # noqa: E402
+from cluster.evaluation import eval_metrics  # noqa: E402
+from cluster.runtime import init_ray  # noqa: E402
 
 SPLIT = {
     "generate": "time/generate_s",
@@ -68,41 +66,26 @@ SPLIT = {
 }
 
 
-class BenchTrainer(Trainer):
-    """The driver's Trainer, plus evaluations on the held-out set and the bookkeeping of the benchmark."""
+class Recorder:
+    """The benchmark's bookkeeping, as the driver's per-step callback (`Trainer.run(on_step=...)`):
+    evaluations on the held-out set (the starting policy, every eval.every_steps, the final model with
+    `final_n` samples), the training time split and the rollouts."""
 
-    def __init__(self, cfg: Config, run_dir: Path, held_out: list[Prompt], final_n: int) -> None:
-        super().__init__(cfg, run_dir)
-        self.held_out, self.final_n = held_out, final_n
+    def __init__(self, final_n: int) -> None:
+        self.final_n = final_n
         self.curve: list[dict] = []
         self.train_reward: list[float] = []
         self.loop_s = self.eval_s = self.startup_s = 0.0
         self.rollouts = 0
         self.split = dict.fromkeys([*SPLIT, "other"], 0.0)
+        self._t0 = time.perf_counter()
 
-    def _evaluate(self, n: int) -> dict:
-        cfg = self.cfg
-        summary = evaluate(
-            self.fleet, self.rewards, self.held_out, n, eval_sampling(cfg), cfg.rewards.verifier
-        )
-        self._record(summary["overall"], n)
-        self.eval_s += summary["elapsed_s"]
-        return summary
-
-    def _record(self, overall: dict, n: int) -> None:
-        point = {"step": self.step, "rollouts": self.rollouts, "wall_s": round(self.loop_s, 3), "n": n}
-        point.update({k: v for k, v in overall.items() if k.startswith(("avg@", "pass@"))})
-        self.curve.append(point)
-
-    def start(self) -> None:
-        t0 = time.perf_counter()
-        super().start()
-        self.startup_s = time.perf_counter() - t0
-        self._evaluate(self.cfg.eval.samples_per_prompt)  # the base policy, step 0
-
-    def train_one_step(self) -> dict:
-        cfg = self.cfg
-        m = super().train_one_step()
+    def __call__(self, trainer: Trainer, m: dict) -> None:
+        cfg = trainer.cfg
+        if trainer.step == 0:  # after start-up: the base policy
+            self.startup_s = time.perf_counter() - self._t0
+            self._evaluate(trainer, cfg.eval.samples_per_prompt)
+            return
         self.loop_s += m["time/step_s"]
         self.rollouts += m["rollouts"]
         self.train_reward.append(round(m["reward/mean"], 4))
@@ -111,26 +94,23 @@ class BenchTrainer(Trainer):
         for name, v in parts.items():
             self.split[name] += v
         every = cfg.eval.every_steps
-        if self.step == cfg.train.steps:  # the final model, with the larger n
-            m.update(eval_metrics(self._evaluate(self.final_n), prefix="final_eval/"))
-        elif every and self.step % every == 0:
-            if "eval/avg@n" in m:  # the driver evaluated already (eval.every_steps is wired in)
-                self._record({k[5:]: v for k, v in m.items() if k.startswith("eval/")}, m["eval/samples"])
-            else:
-                m.update(eval_metrics(self._evaluate(cfg.eval.samples_per_prompt)))
-        return m
+        if trainer.step == cfg.train.steps:  # the final model, with the larger n
+            m.update(eval_metrics(self._evaluate(trainer, self.final_n), prefix="final_eval/"))
+        elif every and trainer.step % every == 0:  # the driver evaluated (eval.every_steps is set)
+            self._record(
+                trainer, {k[5:]: v for k, v in m.items() if k.startswith("eval/")}, m["eval/samples"]
+            )
 
-    def shutdown(self) -> None:
-        super().shutdown()
-        # Runs share one Ray instance: free what Trainer.shutdown leaves (the learner's bundle, the queue).
-        for release in (
-            lambda: remove_placement_group(self.learner_pg),
-            lambda: ray.kill(self.queue),
-        ):
-            try:
-                release()
-            except Exception:
-                pass
+    def _evaluate(self, trainer: Trainer, n: int) -> dict:
+        summary = trainer.evaluate(n)
+        self._record(trainer, summary["overall"], n)
+        self.eval_s += summary["elapsed_s"]
+        return summary
+
+    def _record(self, trainer: Trainer, overall: dict, n: int) -> None:
+        point = {"step": trainer.step, "rollouts": self.rollouts, "wall_s": round(self.loop_s, 3), "n": n}
+        point.update({k: v for k, v in overall.items() if k.startswith(("avg@", "pass@"))})
+        self.curve.append(point)
 
 
 def run_config(args: argparse.Namespace, group_size: int, seed: int, run_dir: Path) -> Config:
@@ -165,9 +145,9 @@ def one_run(args: argparse.Namespace, group_size: int, seed: int, root: Path) ->
     cfg = run_config(args, group_size, seed, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    trainer = BenchTrainer(cfg, run_dir, eval_prompts(cfg), args.final_n)
-    trainer.run()
-    final = trainer.curve[-1]
+    rec = Recorder(args.final_n)
+    Trainer(cfg, run_dir).run(on_step=rec)
+    final = rec.curve[-1]
     return {
         "group_size": group_size,
         "seed": seed,
@@ -177,15 +157,15 @@ def one_run(args: argparse.Namespace, group_size: int, seed: int, root: Path) ->
         "eval_every_steps": cfg.eval.every_steps,
         "final_accuracy": final["avg@n"],
         "final_pass@k": {k: v for k, v in final.items() if k.startswith("pass@")},
-        "base_accuracy": trainer.curve[0]["avg@n"],
-        "wall_clock_s": trainer.loop_s,
-        "time_split_s": trainer.split,
-        "rollouts": trainer.rollouts,
-        "startup_s": trainer.startup_s,
-        "eval_s": trainer.eval_s,
+        "base_accuracy": rec.curve[0]["avg@n"],
+        "wall_clock_s": rec.loop_s,
+        "time_split_s": rec.split,
+        "rollouts": rec.rollouts,
+        "startup_s": rec.startup_s,
+        "eval_s": rec.eval_s,
         "total_s": time.perf_counter() - t0,
-        "curve": trainer.curve,
-        "train_reward": trainer.train_reward,
+        "curve": rec.curve,
+        "train_reward": rec.train_reward,
     }
 
 
@@ -282,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-n", type=int, default=32, help="samples per problem of the final eval")
     ap.add_argument("--evals-per-epoch", type=int, default=1)
     ap.add_argument("--group-sizes", default="2,16", help="e.g. '2' for a pilot of 2-GRPO alone")
-    ap.add_argument("--model-cache", default="~/.cache/duet-rl")
-    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--quick", action="store_true", help="a ~3-minute smoke version (1 seed, tiny budget)")
-    ap.add_argument("--keep-runs", action="store_true", help="keep the run folders (metrics.jsonl)")
+    add_common_arguments(
+        ap,
+        quick_help="a ~3-minute smoke version (1 seed, tiny budget)",
+        keep_help="keep the run folders (metrics.jsonl)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.train_problems, args.evals_per_epoch = 1, 2, 64, 1
@@ -298,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.group_sizes != "2,16":
         name += "_g" + args.group_sizes.replace(",", "_")
     root = Path(tempfile.mkdtemp(prefix="duet-group-size-"))
-    load_before = os.getloadavg()
+    load_before = [round(x, 2) for x in os.getloadavg()]
     started = datetime.now(timezone.utc)
     init_ray(run_config(args, 2, 0, root))
     sizes = [int(g) for g in args.group_sizes.split(",")]
@@ -354,22 +335,12 @@ def main(argv: list[str] | None = None) -> int:
             "eval_problems": args.eval_problems,
             "eval_n": args.eval_n,
             "final_n": args.final_n,
-            "eval_sampling": eval_sampling(run_config(args, 2, 0, root)),
+            "eval_sampling": run_config(args, 2, 0, root).eval.sampling().model_dump(),
             "order": "interleaved by seed: G=2 seed 0, G=16 seed 0, G=2 seed 1, ...",
             "wall_clock": "sum of time/step_s (generate + reward wait + train + broadcast + loop); "
             "start-up and evaluations excluded",
         },
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "load_avg_before": load_before,
-            "load_avg_after": os.getloadavg(),
-        },
-        "date": started.isoformat(timespec="seconds"),
-        "duration_s": (datetime.now(timezone.utc) - started).total_seconds(),
-        "command": "python "
-        + shlex.join(["benchmarks/group_size.py", *(sys.argv[1:] if argv is None else argv)]),
+        **provenance("group_size.py", argv, started, load_before),
     }
     if results["accuracy_gap"] is not None and results["time_ratio"] is not None:
         results["goals"]["met"] = results["accuracy_gap"] <= 2.0 and results["time_ratio"] <= 0.30

@@ -48,8 +48,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -66,12 +64,14 @@ if str(ROOT) not in sys.path:
 
 import ray  # noqa: E402
 
+from benchmarks.common import add_common_arguments, provenance  # noqa: E402
 from cluster.config import Config, load_config  # noqa: E402
 from cluster.data import PromptStream, load_prompts  # noqa: E402
-from cluster.driver import Trainer, init_ray, resolve_model  # noqa: E402
+from cluster.driver import StepCallback, Trainer  # noqa: E402
 from cluster.fleet import RolloutFleet  # noqa: E402
 from cluster.metrics import read_metrics  # noqa: E402
 from cluster.placement import make_plan  # noqa: E402
+from cluster.runtime import init_ray, resolve_model  # noqa: E402
 
 ENGINE_CORES = "0"
 LEARNER_CORES = "1"
@@ -221,7 +221,6 @@ def generate_back_to_back(fleet: RolloutFleet, stream: PromptStream, cfg: Config
     """`chunks` chunks of prompts_per_step // 2 prompts, 2 in flight per engine, as the producer submits."""
     g = cfg.rollout.group_size
     chunk = max(1, cfg.rollout.prompts_per_step // 2)
-    sampling = fleet.sampling()
     pending: dict = {}
     submitted = 0
     intervals: list[dict] = []
@@ -230,7 +229,7 @@ def generate_back_to_back(fleet: RolloutFleet, stream: PromptStream, cfg: Config
 
     def submit(k: int) -> None:
         nonlocal submitted
-        ref = fleet.engines[k].generate.remote(stream.take(chunk), g, sampling, False)
+        ref = fleet.submit_to(k, stream.take(chunk), g)  # no seed: not deterministic, as the producer
         pending[ref] = (k, time.time())
         submitted += 1
 
@@ -518,19 +517,16 @@ def summarize_run(run_dir: Path, warmup: int, k: int, prompts: int, ceiling_tps:
     }
 
 
-class BenchTrainer(Trainer):
-    """The driver's Trainer, plus a CPU snapshot at the end of the warm-up and of the last step."""
+def cpu_snapshots(warmup: int, steps: int) -> tuple[list[dict], StepCallback]:
+    """A list, and the per-step callback (`Trainer.run(on_step=...)`) that appends a CPU snapshot to it
+    at the end of the warm-up and of the last step."""
+    snaps: list[dict] = []
 
-    def __init__(self, cfg: Config, run_dir: Path, warmup: int) -> None:
-        super().__init__(cfg, run_dir)
-        self.warmup = warmup
-        self.snaps: list[dict] = []
+    def on_step(trainer: Trainer, metrics: dict) -> None:
+        if trainer.step in (warmup, steps):
+            snaps.append(cpu_snapshot())
 
-    def learn(self, *a, **kw) -> dict:
-        m = super().learn(*a, **kw)
-        if self.step in (self.warmup, self.cfg.train.steps):
-            self.snaps.append(cpu_snapshot())
-        return m
+    return snaps, on_step
 
 
 def one_run(args: argparse.Namespace, k: int, root: Path, ceiling_tps: float, **extra: object) -> dict:
@@ -539,13 +535,13 @@ def one_run(args: argparse.Namespace, k: int, root: Path, ceiling_tps: float, **
     cfg = run_config(args, k, run_dir, **extra)
     load_before = load_avg()
     t0 = time.perf_counter()
-    trainer = BenchTrainer(cfg, run_dir, args.warmup)
-    trainer.run()
+    snaps, on_step = cpu_snapshots(args.warmup, cfg.train.steps)
+    Trainer(cfg, run_dir).run(on_step=on_step)
     out = summarize_run(run_dir, args.warmup, k, cfg.rollout.prompts_per_step, ceiling_tps)
     out["overrides"] = {key: str(v) for key, v in extra.items()}
     out["queue_capacity_groups"] = cfg.train.queue_capacity_groups
-    if len(trainer.snaps) == 2:
-        out["cpu"] = cpu_usage(*trainer.snaps)
+    if len(snaps) == 2:
+        out["cpu"] = cpu_usage(*snaps)
     out["total_s"] = time.perf_counter() - t0
     out["load_avg"] = {"before": load_before, "after": load_avg()}
     return out
@@ -687,10 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also run async k=1 with train.queue_capacity_groups = this × prompts_per_step (0: skip)",
     )
     ap.add_argument("--large-layers", type=int, default=8, help="larger model for the broadcast (0: skip)")
-    ap.add_argument("--model-cache", default="~/.cache/duet-rl")
-    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--quick", action="store_true", help="~3-minute smoke version")
-    ap.add_argument("--keep-runs", action="store_true", help="keep the run folders")
+    add_common_arguments(ap, quick_help="~3-minute smoke version", keep_help="keep the run folders")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.modes, args.large_layers, args.capped_queue = 4, 1, "1", 0, 0
@@ -836,17 +829,7 @@ def main(argv: list[str] | None = None) -> int:
                 "includes packing, sha256 at both ends, vLLM's pause/resume, load_weights with the "
                 "layerwise reload, and 3 RPC rounds into the engine",
             },
-            "machine": {
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "cpu_count": os.cpu_count(),
-                "load_avg_before": load_before,
-                "load_avg_after": load_avg(),
-            },
-            "date": started.isoformat(timespec="seconds"),
-            "duration_s": (datetime.now(timezone.utc) - started).total_seconds(),
-            "command": "python "
-            + shlex.join(["benchmarks/pipeline.py", *(sys.argv[1:] if argv is None else argv)]),
+            **provenance("pipeline.py", argv, started, load_before),
         }
     )
     json_path = out_dir / f"{name}.json"

@@ -1,7 +1,7 @@
 """`duet`: the command line.
 
 duet train [--config FILE] [--preset NAME] [--run-dir DIR] [--resume RUN_DIR] [--dry-run] [section.field=value ...]
-duet eval --model PATH --dataset FILE [--samples-per-prompt n] [--temperature t]
+duet eval [--model PATH] [--dataset FILE ...] [--out FILE] [--config FILE] [section.field=value ...]
 duet submit --address http://HEAD:8265 [--config FILE] [overrides]
 duet logs JOB_ID [-f]    duet status --job JOB_ID    duet stop JOB_ID
 duet status [--run-dir DIR | --url URL]    duet scale --engines N [--run-dir DIR | --url URL]
@@ -11,41 +11,29 @@ duet serve-reward [--host 127.0.0.1] [--port N] [--token T]
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
-from cluster.config import PRESETS, Config, ConfigError, load_config
+from cluster.config import Config, ConfigError, add_config_arguments, config_from_arguments
 from cluster.data import DatasetError, load_prompts
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from cluster.runtime import check_model
 
 
 def check_runnable(cfg: Config) -> int:
     """Everything that can be checked before an actor starts: the model path and every dataset row.
     Returns the number of prompts."""
-    path = cfg.model.path
-    if path is not None and not Path(path).expanduser().is_dir() and not _HUB_ID.match(path):
-        raise ConfigError(f"model.path: {path!r} is not a folder (nor a Hugging Face hub id)")
-    if (
-        path is not None
-        and Path(path).expanduser().is_dir()
-        and not (Path(path).expanduser() / "config.json").exists()
-    ):
-        raise ConfigError(f"model.path: {path!r} has no config.json: not a Hugging Face model folder")
+    check_model(cfg)
     return len(load_prompts(cfg.data, cfg.run.seed))
 
 
 def _train(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="duet train", description="Run GRPO post-training.")
-    ap.add_argument("--config", help="YAML config file")
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="named algorithm preset")
     ap.add_argument("--run-dir", help="output folder (default: a new folder under runs/)")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last complete checkpoint")
     ap.add_argument(
         "--dry-run", action="store_true", help="resolve and check the config, print the placement plan"
     )
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.group_size=4")
+    add_config_arguments(ap)
     args = ap.parse_args(argv)
     if args.resume:
         if args.config or args.preset:
@@ -57,7 +45,7 @@ def _train(argv: list[str]) -> int:
         args.config = str(Path(args.resume) / "config.yaml")
         args.run_dir = args.resume
     try:
-        cfg = load_config(args.config, args.overrides, args.preset)
+        cfg = config_from_arguments(args)
         n_prompts = check_runnable(cfg)
     except (ConfigError, DatasetError) as e:
         print(f"duet train: {e}", file=sys.stderr)

@@ -6,15 +6,50 @@ dotted name of the field in the message. Load from YAML, apply a preset, then `a
 
 from __future__ import annotations
 
+import argparse
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# Allowed values, named once: the pure functions that take them (learner/advantages.py, learner/losses.py)
+# check their arguments against `typing.get_args` of these.
+AdvantageEstimator = Literal["grpo", "dr_grpo", "rloo"]
+StdKind = Literal["population", "sample"]
+StdScale = Literal["group", "batch", "none"]
+KlEstimator = Literal["k1", "k2", "k3"]
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+OverlongMode = Literal["none", "mask", "penalty"]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingConfig(_Section):
+    """How an engine samples. Training rollouts (`rollout.*`) and evaluation (`eval.*`, its own defaults)
+    hold these fields; `sampling()` hands just them to `RolloutEngine.generate`."""
+
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    top_k: int = Field(-1, ge=-1, description="Top-k sampling (-1: off).")
+    max_tokens: int = Field(16, ge=1, description="Largest completion length, in tokens.")
+
+    def sampling(self) -> SamplingConfig:
+        """The sampling settings alone (what crosses to the engines), whichever section holds them."""
+        return SamplingConfig(**{name: getattr(self, name) for name in SamplingConfig.model_fields})
+
+
+class DatasetFields(_Section):
+    """Where a dataset row keeps its problem, its reference answer and its source (training and eval)."""
+
+    problem_field: str = Field("problem", description="Field holding the problem text.")
+    answer_field: str = Field("answer", description="Field holding the reference answer.")
+    source_field: str = Field(
+        "source", description="Field naming the data source (optional in rows; per-source metrics)."
+    )
 
 
 class RunConfig(_Section):
@@ -47,13 +82,10 @@ class ModelConfig(_Section):
     )
 
 
-class DataConfig(_Section):
+class DataConfig(DatasetFields):
     path: str | None = Field(
         None, description="JSONL or Parquet file of problems. None: the synthetic arithmetic task."
     )
-    problem_field: str = Field("problem", description="Field holding the problem text.")
-    answer_field: str = Field("answer", description="Field holding the reference answer.")
-    source_field: str = Field("source", description="Field naming the data source (optional in rows).")
     prompt_template: str = Field(
         "{problem}", description="Python format string that turns a problem into the engine's prompt."
     )
@@ -64,18 +96,17 @@ class DataConfig(_Section):
     shuffle: bool = Field(True, description="Shuffle the prompt order each epoch (seeded).")
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(SamplingConfig):
+    """Training rollouts; the sampling fields (temperature, top_p, top_k, max_tokens) come from
+    SamplingConfig with its defaults."""
+
     num_engines: int = Field(1, ge=1, description="Number of RolloutEngine actors (vLLM engines).")
     gpus_per_engine: int = Field(
         1, ge=1, description="GPUs per engine (tensor parallel size); ignored on CPU."
     )
     group_size: int = Field(2, description="Completions per prompt (G). 2 is 2-GRPO; must be >= 2.")
     prompts_per_step: int = Field(64, ge=1, description="Prompts whose groups make one optimizer step.")
-    max_tokens: int = Field(16, ge=1, description="Largest completion length, in tokens.")
     max_model_len: int = Field(256, ge=16, description="Prompt + completion length limit, in tokens.")
-    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for training rollouts.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
-    top_k: int = Field(-1, ge=-1, description="Top-k sampling (-1: off).")
     gpu_memory_utilization: float = Field(
         0.85, gt=0.0, le=1.0, description="Share of each engine GPU's memory vLLM may take."
     )
@@ -135,15 +166,11 @@ class RewardsConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    advantage: Literal["grpo", "dr_grpo", "rloo"] = Field(
-        "grpo", description="Advantage estimator (see README, Algorithm)."
-    )
-    std: Literal["population", "sample"] = Field(
+    advantage: AdvantageEstimator = Field("grpo", description="Advantage estimator (see README, Algorithm).")
+    std: StdKind = Field(
         "population", description="grpo only: population std (paper) or Bessel's (veRL, TRL)."
     )
-    scale: Literal["group", "batch", "none"] = Field(
-        "group", description="grpo only: which rewards the std is taken over."
-    )
+    scale: StdScale = Field("group", description="grpo only: which rewards the std is taken over.")
     eps: float = Field(1e-6, ge=0.0, description="Added to the std in grpo's denominator.")
     clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="Ratio lower bound is 1 - clip_low.")
     clip_high: float = Field(0.28, ge=0.0, description="Ratio upper bound is 1 + clip_high.")
@@ -151,22 +178,25 @@ class AlgorithmConfig(_Section):
         None, gt=1.0, description="Dual-clip bound c for negative advantages (None: off)."
     )
     kl_coef: float = Field(0.0, ge=0.0, description="β of the KL term; 0 loads no reference model.")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
+    kl_estimator: KlEstimator = Field("k3", description="KL estimator.")
     tis_cap: float | None = Field(
         None, gt=0.0, description="Truncated importance weight cap between engine and learner log-probs."
     )
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+    aggregation: Aggregation = Field(
         "seq_mean_token_mean", description="How per-token losses become one number."
     )
     length_norm: int | None = Field(
-        None, ge=1, description="Constant of seq_mean_token_sum_norm; default rollout.max_tokens."
+        None,
+        ge=1,
+        description="Constant of seq_mean_token_sum_norm; default (filled in when the config is loaded): "
+        "rollout.max_tokens.",
     )
     filter_tied: bool = Field(True, description="Drop groups whose rewards all tie (no gradient).")
     refill: bool = Field(
         False, description="Replace dropped groups with fresh prompts so the batch keeps its size."
     )
     max_refill_rounds: int = Field(4, ge=1, description="Refill generation rounds per step, at most.")
-    overlong: Literal["none", "mask", "penalty"] = Field(
+    overlong: OverlongMode = Field(
         "none", description="Completions cut at max_tokens: kept, masked out, or penalised."
     )
     overlong_penalty: float = Field(1.0, ge=0.0, description="Reward subtracted when overlong=penalty.")
@@ -224,7 +254,9 @@ class CheckpointConfig(_Section):
     final: bool = Field(True, description="Save a checkpoint and HF export at the end of the run.")
 
 
-class EvalConfig(_Section):
+class EvalConfig(DatasetFields, SamplingConfig):
+    """Evaluation on held-out problems: during training (every_steps) and by `duet eval`."""
+
     path: str | None = Field(
         None,
         description="Held-out JSONL/Parquet file. None with the synthetic task: a held-out synthetic set.",
@@ -233,16 +265,17 @@ class EvalConfig(_Section):
         0, ge=0, description="Evaluate every N training steps (0: never during training)."
     )
     samples_per_prompt: int = Field(4, ge=1, description="n of avg@n and pass@k (k <= n).")
+    # Evaluation's own sampling defaults (the paper's: temperature 0.7, top-p 0.8, top-k 20).
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature for evaluation.")
     top_p: float = Field(0.8, gt=0.0, le=1.0, description="Nucleus sampling threshold for evaluation.")
     top_k: int = Field(20, ge=-1, description="Top-k for evaluation (-1: off).")
     max_tokens: int | None = Field(
-        None, ge=1, description="Completion length limit; default rollout.max_tokens."
+        None,
+        ge=1,
+        description="Completion length limit; default (filled in when the config is loaded): "
+        "rollout.max_tokens.",
     )
     max_prompts: int | None = Field(None, ge=1, description="Evaluate only the first N problems.")
-    problem_field: str = Field("problem", description="Field holding the problem text.")
-    answer_field: str = Field("answer", description="Field holding the reference answer.")
-    source_field: str = Field("source", description="Field naming the data source (per-source metrics).")
     synthetic_problems: int = Field(200, ge=1, description="Size of the held-out synthetic set.")
     synthetic_seed: int = Field(
         12345, description="Seed of the held-out synthetic set (not the training seed)."
@@ -274,34 +307,33 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
 
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> Config:
+        """Fields whose default is another field's value, filled in here and nowhere else. They are then
+        written into RUN_DIR/config.yaml as numbers, so a resumed run reads back the same values."""
+        if self.algorithm.length_norm is None:
+            self.algorithm.length_norm = self.rollout.max_tokens
+        if self.eval.max_tokens is None:
+            self.eval.max_tokens = self.rollout.max_tokens
+        return self
+
 
 # ---- presets: one word names a whole algorithm setting (README, Presets) ----
+# The paper's GRPO setting (arXiv 2510.00977): population std (±1 pairs), clip-higher, tied groups dropped.
+_PAPER_GRPO = {
+    "advantage": "grpo",
+    "std": "population",
+    "clip_low": 0.2,
+    "clip_high": 0.28,
+    "aggregation": "seq_mean_token_mean",
+    "filter_tied": True,
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's 2-GRPO: population std (±1 pairs), clip-higher, tied pairs dropped.
-    "2-grpo": {
-        "rollout": {"group_size": 2},
-        "algorithm": {
-            "advantage": "grpo",
-            "std": "population",
-            "clip_low": 0.2,
-            "clip_high": 0.28,
-            "aggregation": "seq_mean_token_mean",
-            "filter_tied": True,
-        },
-    },
+    # The paper's 2-GRPO.
+    "2-grpo": {"rollout": {"group_size": 2}, "algorithm": _PAPER_GRPO},
     # The paper's baseline: 16 rollouts per prompt. Under its protocol (same rollouts per step) also
     # set rollout.prompts_per_step to 1/8 and learner.lr to 1/8 of 2-GRPO's (configs/ do).
-    "16-grpo": {
-        "rollout": {"group_size": 16},
-        "algorithm": {
-            "advantage": "grpo",
-            "std": "population",
-            "clip_low": 0.2,
-            "clip_high": 0.28,
-            "aggregation": "seq_mean_token_mean",
-            "filter_tied": True,
-        },
-    },
+    "16-grpo": {"rollout": {"group_size": 16}, "algorithm": _PAPER_GRPO},
     # Dr. GRPO (Liu et al., 2025): no std, constant length normaliser.
     "dr-grpo": {
         "algorithm": {"advantage": "dr_grpo", "aggregation": "seq_mean_token_sum_norm", "filter_tied": True},
@@ -327,10 +359,16 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the field."""
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
+def deep_merge(base: dict, update: dict) -> dict:
+    """`base` updated by `update`, section by section (nested dicts merge; other values replace). A new
+    tree: later overrides that set values in it leave `base`, `update` (and PRESETS) as they were."""
+    out = copy.deepcopy(base)
     for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            deep_merge(out[k], v)
+            if isinstance(v, dict) and isinstance(out.get(k), dict)
+            else copy.deepcopy(v)
+        )
     return out
 
 
@@ -355,7 +393,7 @@ def load_config(
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        tree = _deep_merge(tree, PRESETS[preset])
+        tree = deep_merge(tree, PRESETS[preset])
     if path is not None:
         text = Path(path).read_text()
         loaded = yaml.safe_load(text) or {}
@@ -365,14 +403,26 @@ def load_config(
         if file_preset is not None:
             if file_preset not in PRESETS:
                 raise ConfigError(f"{path}: unknown preset {file_preset!r}; choose one of {sorted(PRESETS)}")
-            tree = _deep_merge(PRESETS[file_preset], tree)
-        tree = _deep_merge(tree, loaded)
+            tree = deep_merge(PRESETS[file_preset], tree)
+        tree = deep_merge(tree, loaded)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), raw)
     return validate_tree(tree)
+
+
+def add_config_arguments(ap: argparse.ArgumentParser) -> None:
+    """The config options every command that runs the system shares (`duet train`, `duet eval`)."""
+    ap.add_argument("--config", help="YAML config file")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="named algorithm preset")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.group_size=4")
+
+
+def config_from_arguments(args: argparse.Namespace, *extra_overrides: str) -> Config:
+    """`load_config` of what `add_config_arguments` parsed; `extra_overrides` apply last."""
+    return load_config(args.config, [*args.overrides, *extra_overrides], args.preset)
 
 
 def validate_tree(tree: dict) -> Config:

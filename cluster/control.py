@@ -1,5 +1,6 @@
-"""The control/status API of a running training driver (FastAPI, served from a thread of the driver)
-and its command-line clients, `duet status` and `duet scale`.
+"""The control/status API of a running training driver: the driver-side state (RunControl), its HTTP
+server (FastAPI, served from a thread of the driver) and its command-line clients, `duet status` and
+`duet scale`.
 
     GET  /status       anyone who can reach the port: step, versions, engines, queue, last metrics
     POST /scale        {"engines": N}                       Authorization: Bearer <token>
@@ -7,10 +8,11 @@ and its command-line clients, `duet status` and `duet scale`.
     POST /resume       (no body, or {})                     Authorization: Bearer <token>
     POST /checkpoint   (no body, or {})                     Authorization: Bearer <token>
 
-The HTTP layer only checks, parses and forwards: the controller (the driver) does the work. Its methods
-are called from the server's threads while the training loop runs, so they must be thread-safe and
-return quickly: scale and checkpoint should queue the request for the loop and answer at once, e.g.
-{"accepted": true, "request_id": ...}. A ValueError from the controller becomes 400 with its message.
+The HTTP layer only checks, parses and forwards to a Controller. The driver's Controller is RunControl:
+its methods are called from the server's threads while the training loop runs, so they are thread-safe
+and return at once. Scale and checkpoint are queued ({"accepted": true, "request_id": ...}) and the loop
+applies them between steps (`RunControl.apply`), when nothing is in flight. A ValueError from the
+controller becomes 400 with its message.
 
 The driver writes RUN_DIR/control.json (url and token, mode 0600) so that `duet status --run-dir` and
 `duet scale --run-dir` find the server without the token on a command line. Without a token the
@@ -24,11 +26,13 @@ import hmac
 import ipaddress
 import json
 import os
+import queue
 import secrets
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +47,80 @@ class Controller(Protocol):
     def pause(self) -> dict: ...
     def resume(self) -> dict: ...
     def checkpoint(self) -> dict: ...
+
+
+# ---- the driver's side ----
+class RunControl:
+    """The Controller of a training run: answers the server's threads, queues what changes the run.
+
+    The loop calls `publish` after every step (what /status shows) and `apply` before every step.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = str(run_dir)
+        self._requests: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._status: dict = {"state": "starting"}
+        self.paused = False
+
+    def status(self) -> dict:
+        with self._lock:
+            return dict(self._status, paused=self.paused)
+
+    def scale(self, engines: int) -> dict:
+        if engines < 1:
+            raise ValueError("engines must be >= 1")
+        return self._queue("scale", engines=engines)
+
+    def pause(self) -> dict:
+        self.paused = True
+        return {"accepted": True, "paused": True}
+
+    def resume(self) -> dict:
+        self.paused = False
+        return {"accepted": True, "paused": False}
+
+    def checkpoint(self) -> dict:
+        return self._queue("checkpoint")
+
+    def publish(
+        self, step: int, steps: int, version: int, engine_versions: dict[int, int | None], metrics: dict
+    ) -> None:
+        """What /status shows from now on: the step just done and its scalar metrics."""
+        status = {
+            "state": "running",
+            "step": step,
+            "steps": steps,
+            "policy_version": version,
+            "engines": [{"id": i, "version": v} for i, v in engine_versions.items()],
+            "queue_depth": metrics.get("queue", {}).get("depth", 0),
+            "last_metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
+            "run_dir": self.run_dir,
+        }
+        with self._lock:
+            self._status = status
+
+    def apply(self, scale: Callable[[int], Any], checkpoint: Callable[[], Path]) -> list[dict]:
+        """Apply the queued requests: `scale(engines)` resizes the fleet, `checkpoint()` saves one and
+        returns its path. While paused, wait here (between steps: nothing in flight). Returns the events
+        to record in metrics.jsonl."""
+        applied = []
+        while True:
+            try:
+                kind, request_id, kw = self._requests.get(timeout=0.2 if self.paused else 0)
+            except queue.Empty:
+                if self.paused:
+                    continue
+                return applied
+            if kind == "scale":
+                scale(kw["engines"])  # recorded in the fleet's events
+            elif kind == "checkpoint":
+                applied.append({"request_id": request_id, "event": "checkpoint", "path": str(checkpoint())})
+
+    def _queue(self, kind: str, **kw: Any) -> dict:
+        request_id = f"{kind}-{time.monotonic_ns()}"
+        self._requests.put((kind, request_id, kw))
+        return {"accepted": True, "request_id": request_id, "applied": "before the next step"}
 
 
 # ---- the server ----

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from pathlib import Path
 
-from cluster.config import DataConfig
+from cluster.config import DataConfig, DatasetFields
 from cluster.records import Prompt
 
 
@@ -51,19 +52,23 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def rows_to_prompts(rows: list[dict], cfg: DataConfig, origin: str = "dataset") -> list[Prompt]:
+def rows_to_prompts(
+    rows: list[dict], fields: DatasetFields, prompt_template: str, origin: str = "dataset"
+) -> list[Prompt]:
     """Validate every row and apply the prompt template; fail on the first bad row, naming it."""
     prompts = []
     for i, row in enumerate(rows):
-        problem = row.get(cfg.problem_field)
-        answer = row.get(cfg.answer_field)
+        problem = row.get(fields.problem_field)
+        answer = row.get(fields.answer_field)
         if problem is None or (isinstance(problem, str) and not problem.strip()):
-            raise DatasetError(f"{origin}: row {i} has no {cfg.problem_field!r} field")
+            raise DatasetError(f"{origin}: row {i} has no {fields.problem_field!r} field")
         if answer is None or (isinstance(answer, str) and not answer.strip()):
-            raise DatasetError(f"{origin}: row {i} has no {cfg.answer_field!r} field (the reference answer)")
-        text = cfg.prompt_template.format(problem=problem)
+            raise DatasetError(
+                f"{origin}: row {i} has no {fields.answer_field!r} field (the reference answer)"
+            )
+        text = prompt_template.format(problem=problem)
         prompts.append(
-            Prompt(index=i, text=text, answer=str(answer), source=str(row.get(cfg.source_field, "")))
+            Prompt(index=i, text=text, answer=str(answer), source=str(row.get(fields.source_field, "")))
         )
     if not prompts:
         raise DatasetError(f"{origin}: no rows")
@@ -73,18 +78,20 @@ def rows_to_prompts(rows: list[dict], cfg: DataConfig, origin: str = "dataset") 
 def load_prompts(cfg: DataConfig, seed: int) -> list[Prompt]:
     if cfg.path is None:
         rows = synthetic_rows(cfg.synthetic_problems, cfg.synthetic_max_operand, seed)
-        return rows_to_prompts(rows, cfg, origin="synthetic")
-    return rows_to_prompts(read_rows(cfg.path), cfg, origin=str(cfg.path))
+        return rows_to_prompts(rows, cfg, cfg.prompt_template, origin="synthetic")
+    return rows_to_prompts(read_rows(cfg.path), cfg, cfg.prompt_template, origin=str(cfg.path))
 
 
 class PromptStream:
     """Epoch-wise shuffled prompts with a resumable position (epoch, offset).
 
     The position is the driver's record of what was consumed, so a resumed run takes the same
-    prompts in the same order.
+    prompts in the same order. Thread-safe: the asynchronous producer takes prompts from its own thread
+    while the loop saves the position in checkpoints.
     """
 
     def __init__(self, prompts: list[Prompt], seed: int, shuffle: bool = True) -> None:
+        self._lock = threading.Lock()
         self.prompts = prompts
         self.seed = seed
         self.shuffle = shuffle
@@ -100,24 +107,28 @@ class PromptStream:
         return order
 
     def give_back(self, prompts: list[Prompt]) -> None:
-        self.returned = list(prompts) + self.returned
+        with self._lock:
+            self.returned = list(prompts) + self.returned
 
     def take(self, n: int) -> list[Prompt]:
-        out = self.returned[:n]
-        self.returned = self.returned[n:]
-        while len(out) < n:
-            if self.offset >= len(self._order):
-                self.epoch += 1
-                self.offset = 0
-                self._order = self._order_for(self.epoch)
-            out.append(self.prompts[self._order[self.offset]])
-            self.offset += 1
-        return out
+        with self._lock:
+            out = self.returned[:n]
+            self.returned = self.returned[n:]
+            while len(out) < n:
+                if self.offset >= len(self._order):
+                    self.epoch += 1
+                    self.offset = 0
+                    self._order = self._order_for(self.epoch)
+                out.append(self.prompts[self._order[self.offset]])
+                self.offset += 1
+            return out
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
+        with self._lock:
+            return {"epoch": self.epoch, "offset": self.offset}
 
     def load_state(self, state: dict) -> None:
-        self.epoch = state["epoch"]
-        self.offset = state["offset"]
-        self._order = self._order_for(self.epoch)
+        with self._lock:
+            self.epoch = state["epoch"]
+            self.offset = state["offset"]
+            self._order = self._order_for(self.epoch)

@@ -1,9 +1,12 @@
 """Evaluation: avg@n and pass@k of a policy on problems with reference answers, per data source.
 
-    duet eval --model PATH --dataset FILE [--dataset FILE ...] [--samples-per-prompt n]
-              [--temperature t] [--top-p p] [--top-k k] [--max-tokens m] [--num-engines N]
-              [--problem-field f] [--answer-field f] [--source-field f] [--prompt-template T]
-              [--max-prompts N] [--out FILE.json] [--config FILE] [section.field=value ...]
+    duet eval [--model PATH] [--dataset FILE ...] [--out FILE.json] [--config FILE] [--preset NAME]
+              [section.field=value ...]
+
+It takes the same config as `duet train` (file, preset, dotted overrides; `--model` is model.path,
+`--dataset` replaces eval.path and may be repeated): `eval.*` (samples_per_prompt, temperature, top_p,
+top_k, max_tokens, max_prompts, problem_field, answer_field, source_field), `data.prompt_template`,
+`rollout.*` (num_engines, max_model_len, ...) and `rewards.*` (the verifier is rewards.verifier).
 
 The same RolloutEngine actors as training sample n completions per problem (through a RolloutFleet),
 the RewardPool scores them, and the results are summarised as
@@ -19,7 +22,7 @@ overall and per data source. A sample is correct when the verifier's reason is "
 
 Dataset layouts (JSONL or Parquet; one problem per row), as commonly published:
 - MATH-500 (HuggingFaceH4/MATH-500): "problem", "answer" (LaTeX), plus "solution", "subject",
-  "level", "unique_id". `--source-field subject` gives per-subject metrics.
+  "level", "unique_id". `eval.source_field=subject` gives per-subject metrics.
 - AMC 2023 (math-ai/amc23): "question", "answer" (numbers, often floats such as 27.0; integral floats
   are written as integers); AI-MO/aimo-validation-amc: "problem", "answer".
 - AIME 2025 (opencompass/AIME2025): "question", "answer"; (yentinglin/aime_2025,
@@ -35,16 +38,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.config import Config, ConfigError, DataConfig, load_config, validate_tree
+from cluster.config import (
+    Config,
+    ConfigError,
+    DatasetFields,
+    SamplingConfig,
+    add_config_arguments,
+    config_from_arguments,
+)
 from cluster.data import DatasetError, read_rows, rows_to_prompts, synthetic_rows
-from cluster.records import Completion, Prompt, VerifyItem
+from cluster.records import Completion, Prompt
+from cluster.scoring import Scoring
 
 PROBLEM_ALIASES = ("problem", "question", "prompt")
 ANSWER_ALIASES = ("answer", "final_answer", "ground_truth", "expected_answer")
@@ -141,34 +151,30 @@ def _clean_answer(value: Any) -> Any:
 
 def prompts_from_rows(
     rows: list[dict],
-    *,
-    problem_field: str = "problem",
-    answer_field: str = "answer",
-    source_field: str = "source",
+    fields: DatasetFields | None = None,
     prompt_template: str = "{problem}",
+    *,
     default_source: str = "",
     max_prompts: int | None = None,
     origin: str = "dataset",
 ) -> list[Prompt]:
     """Validate rows (resolving field aliases) and turn them into prompts; bad rows raise DatasetError."""
-    problem_field = _pick_field(rows, problem_field, PROBLEM_ALIASES, "problem", origin)
-    answer_field = _pick_field(rows, answer_field, ANSWER_ALIASES, "answer", origin)
+    fields = fields or DatasetFields()
+    resolved = DatasetFields(
+        problem_field=_pick_field(rows, fields.problem_field, PROBLEM_ALIASES, "problem", origin),
+        answer_field=_pick_field(rows, fields.answer_field, ANSWER_ALIASES, "answer", origin),
+        source_field=fields.source_field,
+    )
     rows = [
         {
             **r,
-            answer_field: _clean_answer(r.get(answer_field)),
-            source_field: r.get(source_field) or default_source,
+            resolved.answer_field: _clean_answer(r.get(resolved.answer_field)),
+            resolved.source_field: r.get(resolved.source_field) or default_source,
         }
         for r in rows
     ]
-    data = DataConfig(
-        problem_field=problem_field,
-        answer_field=answer_field,
-        source_field=source_field,
-        prompt_template=prompt_template,
-    )
     try:
-        prompts = rows_to_prompts(rows, data, origin=origin)
+        prompts = rows_to_prompts(rows, resolved, prompt_template, origin=origin)
     except (KeyError, IndexError, ValueError) as e:
         if isinstance(e, DatasetError):
             raise
@@ -178,26 +184,26 @@ def prompts_from_rows(
 
 def load_eval_file(path: str | Path, cfg: Config) -> list[Prompt]:
     """One evaluation file with cfg.eval's field names and cfg.data's prompt template."""
-    e = cfg.eval
     if not Path(path).is_file():
         raise DatasetError(f"evaluation dataset {path}: no such file")
     return prompts_from_rows(
         read_rows(path),
-        problem_field=e.problem_field,
-        answer_field=e.answer_field,
-        source_field=e.source_field,
-        prompt_template=cfg.data.prompt_template,
+        cfg.eval,
+        cfg.data.prompt_template,
         default_source=Path(path).stem,
-        max_prompts=e.max_prompts,
+        max_prompts=cfg.eval.max_prompts,
         origin=str(path),
     )
 
 
-def eval_prompts(cfg: Config) -> list[Prompt]:
-    """The held-out set of cfg.eval: its file, or (synthetic task) a synthetic set of its own seed."""
+def eval_prompts(cfg: Config, files: Sequence[str | Path] = ()) -> list[Prompt]:
+    """The held-out set: `files`, else eval.path, else (synthetic task) a synthetic set of its own seed.
+    Indexed by position across all files."""
     e = cfg.eval
-    if e.path is not None:
-        return load_eval_file(e.path, cfg)
+    files = list(files) or ([e.path] if e.path is not None else [])
+    if files:
+        prompts = [p for f in files for p in load_eval_file(f, cfg)]
+        return [Prompt(i, p.text, p.answer, p.source) for i, p in enumerate(prompts)]
     if cfg.data.path is not None:
         raise ConfigError("eval.path: required to evaluate when data.path is set (no held-out set)")
     rows = synthetic_rows(e.synthetic_problems, cfg.data.synthetic_max_operand, e.synthetic_seed)
@@ -206,75 +212,42 @@ def eval_prompts(cfg: Config) -> list[Prompt]:
     )
 
 
-def eval_sampling(cfg: Config) -> dict:
-    """Sampling settings of evaluation (cfg.eval; max_tokens defaults to rollout.max_tokens)."""
-    e = cfg.eval
-    return {
-        "temperature": e.temperature,
-        "top_p": e.top_p,
-        "top_k": e.top_k,
-        "max_tokens": e.max_tokens or cfg.rollout.max_tokens,
-    }
-
-
 # ---------------------------------------------------------------- running it
 
 
-def generate(fleet_or_engines: Any, prompts: list[Prompt], n: int, sampling: dict) -> list[list[Completion]]:
-    """n completions per prompt, in the prompts' order, from a RolloutFleet or a list of engine handles."""
+def generate(fleet: Any, prompts: list[Prompt], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+    """n completions per prompt from a RolloutFleet (its current weights), in the prompts' order."""
     import ray
 
     prompts = [Prompt(i, p.text, p.answer, p.source) for i, p in enumerate(prompts)]  # index = position
-    if hasattr(fleet_or_engines, "submit"):
-        submitted = fleet_or_engines.submit(prompts, n, sampling=sampling)
-    else:
-        engines = list(fleet_or_engines)
-        chunks = [prompts[i :: len(engines)] for i in range(len(engines))]
-        submitted = [
-            (k, chunk, engines[k].generate.remote(chunk, n, sampling))
-            for k, chunk in enumerate(chunks)
-            if chunk
-        ]
     groups: list[list[Completion]] = [[] for _ in prompts]
-    for _, chunk, ref in submitted:
+    for _, chunk, ref in fleet.submit(prompts, n, sampling=sampling):
         for p, group in zip(chunk, ray.get(ref), strict=True):
             groups[p.index] = group
     return groups
 
 
 def evaluate(
-    fleet_or_engines: Any,
-    reward_pool: Any,
-    prompts: list[Prompt],
-    n: int,
-    sampling: dict,
-    verifier: str = "math",
+    fleet: Any, reward_pool: Any, prompts: list[Prompt], n: int, sampling: SamplingConfig, verifier: str
 ) -> dict:
     """Sample n completions per prompt, score them, and summarize (see `summarize`).
 
-    `fleet_or_engines`: a RolloutFleet (its current weights: the driver calls this between steps)
-    or a list of RolloutEngine handles. `reward_pool`: a RewardPool. Adds `elapsed_s` to the result.
+    `fleet`: a RolloutFleet (the driver calls this between steps, on the current weights);
+    `reward_pool`: a RewardPool. A completion is correct when the verifier's reason is "correct".
+    Adds `elapsed_s` to the result.
     """
     t0 = time.perf_counter()
-    groups = generate(fleet_or_engines, prompts, n, sampling)
-    items = [
-        VerifyItem(completion=c.text, reference=p.answer, verifier=verifier, prompt=p.text)
-        for p, group in zip(prompts, groups)
-        for c in group
+    groups = generate(fleet, prompts, n, sampling)
+    records = [
+        {
+            "source": g.prompt.source,
+            "n": len(g.completions),
+            "correct": sum(reason == "correct" for reason in g.reasons),
+            "lengths": [len(c.token_ids) for c in g.completions],
+            "truncated": sum(c.finish_reason == "length" for c in g.completions),
+        }
+        for g in Scoring(reward_pool, prompts, groups, verifier).result()
     ]
-    results = iter(reward_pool.score(items))
-    records = []
-    for p, group in zip(prompts, groups):
-        correct = sum(next(results).reason == "correct" for _ in group)
-        records.append(
-            {
-                "source": p.source,
-                "n": len(group),
-                "correct": correct,
-                "lengths": [len(c.token_ids) for c in group],
-                "truncated": sum(c.finish_reason == "length" for c in group),
-            }
-        )
     summary = summarize(records)
     summary["elapsed_s"] = time.perf_counter() - t0
     return summary
@@ -306,18 +279,7 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _check_model(path: str) -> None:
-    p = Path(path).expanduser()
-    if not p.is_dir() and not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", path):
-        raise ConfigError(f"--model: {path!r} is not a folder (nor a Hugging Face hub id)")
-    if p.is_dir() and not (p / "config.json").exists():
-        raise ConfigError(
-            f"--model: {path!r} has no config.json (for a `duet train` run, use "
-            "RUN_DIR/checkpoints/step_XXXXXX/hf)"
-        )
-
-
-def _check_lengths(model_path: str, prompts: list[Prompt], cfg: Config, max_tokens: int) -> None:
+def _check_lengths(model_path: str, prompts: list[Prompt], cfg: Config) -> None:
     """Fail before starting engines when a prompt cannot fit in rollout.max_model_len."""
     file = Path(model_path).expanduser() / "tokenizer.json"
     if not file.is_file():  # a hub id or a slow tokenizer: the engine will say
@@ -326,98 +288,57 @@ def _check_lengths(model_path: str, prompts: list[Prompt], cfg: Config, max_toke
 
     tok = Tokenizer.from_file(str(file))
     longest = max(len(enc.ids) for enc in tok.encode_batch([p.text for p in prompts]))
-    if longest + max_tokens > cfg.rollout.max_model_len:
+    need = longest + cfg.eval.max_tokens
+    if need > cfg.rollout.max_model_len:
         raise ConfigError(
             f"rollout.max_model_len: {cfg.rollout.max_model_len} tokens cannot hold the longest prompt "
-            f"({longest}) plus max_tokens ({max_tokens}); pass rollout.max_model_len={longest + max_tokens}"
+            f"({longest}) plus eval.max_tokens ({cfg.eval.max_tokens}); pass rollout.max_model_len={need}"
         )
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="duet eval",
-        description="avg@n and pass@k of a model on problems with reference answers (see cluster/evaluation.py).",
+        description="avg@n and pass@k of a model on problems with reference answers (see cluster/evaluation.py). "
+        "Settings come from the same config as `duet train`: eval.*, data.prompt_template, rollout.*, rewards.*.",
     )
-    ap.add_argument(
-        "--model", help="HF model folder (e.g. RUN_DIR/checkpoints/step_XXXXXX/hf); default: tiny"
-    )
+    ap.add_argument("--model", help="model.path: HF model folder (e.g. RUN_DIR/checkpoints/step_XXXXXX/hf)")
     ap.add_argument(
         "--dataset",
         action="append",
+        default=[],
         help="JSONL or Parquet file (repeatable); default: eval.path, else the synthetic held-out set",
     )
-    ap.add_argument("--samples-per-prompt", "-n", type=int, help="n (default eval.samples_per_prompt)")
-    ap.add_argument("--temperature", type=float)
-    ap.add_argument("--top-p", type=float)
-    ap.add_argument("--top-k", type=int)
-    ap.add_argument("--max-tokens", type=int, help="default: eval.max_tokens, else rollout.max_tokens")
-    ap.add_argument("--num-engines", type=int)
-    ap.add_argument("--problem-field")
-    ap.add_argument("--answer-field")
-    ap.add_argument("--source-field")
-    ap.add_argument("--prompt-template", help="Python format string with {problem}")
-    ap.add_argument("--max-prompts", type=int, help="only the first N problems (of each file)")
-    ap.add_argument("--verifier", default="math", help="reward verifier (default: math)")
     ap.add_argument("--out", help="write the results as JSON here")
-    ap.add_argument("--config", help="YAML config file (rollout, rewards, eval sections apply)")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.max_model_len=2048")
+    add_config_arguments(ap)
     return ap
-
-
-def _config(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config, args.overrides)
-    tree = cfg.model_dump()
-    flags = {
-        "eval": {
-            "samples_per_prompt": args.samples_per_prompt,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "top_k": args.top_k,
-            "max_tokens": args.max_tokens,
-            "max_prompts": args.max_prompts,
-            "problem_field": args.problem_field,
-            "answer_field": args.answer_field,
-            "source_field": args.source_field,
-        },
-        "rollout": {"num_engines": args.num_engines},
-        "data": {"prompt_template": args.prompt_template},
-        "model": {"path": args.model},
-    }
-    for section, values in flags.items():
-        tree[section].update({k: v for k, v in values.items() if v is not None})
-    return validate_tree(tree)
 
 
 def eval_main(argv: list[str]) -> int:
     """`duet eval`: validate everything, start engines and reward workers, evaluate, report."""
+    from cluster.runtime import check_model, init_ray, resolve_model
+
     args = _parser().parse_args(argv)
     try:
-        cfg = _config(args)
-        files = args.dataset or ([cfg.eval.path] if cfg.eval.path else [])
-        prompts = [p for f in files for p in load_eval_file(f, cfg)] if files else eval_prompts(cfg)
-        prompts = [Prompt(i, p.text, p.answer, p.source) for i, p in enumerate(prompts)]
-        if cfg.model.path is not None:
-            _check_model(cfg.model.path)
-        if args.verifier == "custom" and not cfg.rewards.custom_function:
-            raise ConfigError("--verifier custom needs rewards.custom_function=package.module:function")
+        cfg = config_from_arguments(args, *([f"model.path={args.model}"] if args.model else []))
+        prompts = eval_prompts(cfg, args.dataset)
+        check_model(cfg)
+        if cfg.rewards.verifier == "custom" and not cfg.rewards.custom_function:
+            raise ConfigError(
+                "rewards.custom_function: required by rewards.verifier=custom (package.module:function)"
+            )
+        model_path = resolve_model(cfg)
+        _check_lengths(model_path, prompts, cfg)
     except (ConfigError, DatasetError) as e:
         print(f"duet eval: {e}", file=sys.stderr)
         return 2
     import ray
 
-    from cluster.driver import init_ray, resolve_model
     from cluster.fleet import RolloutFleet
     from cluster.placement import make_plan
     from rewards.pool import RewardPool
 
-    model_path = resolve_model(cfg)
-    sampling = eval_sampling(cfg)
-    n = cfg.eval.samples_per_prompt
-    try:
-        _check_lengths(model_path, prompts, cfg, sampling["max_tokens"])
-    except ConfigError as e:
-        print(f"duet eval: {e}", file=sys.stderr)
-        return 2
+    sampling, n = cfg.eval.sampling(), cfg.eval.samples_per_prompt
     owns_ray = not ray.is_initialized()
     init_ray(cfg)
     fleet = pool = None
@@ -430,7 +351,7 @@ def eval_main(argv: list[str]) -> int:
             f"model {model_path}",
             file=sys.stderr,
         )
-        summary = evaluate(fleet, pool, prompts, n, sampling, args.verifier)
+        summary = evaluate(fleet, pool, prompts, n, sampling, cfg.rewards.verifier)
     finally:
         for part in (fleet, pool):
             if part is not None:
@@ -445,10 +366,10 @@ def eval_main(argv: list[str]) -> int:
     if args.out:
         result = {
             "model": model_path,
-            "datasets": files or ["synthetic"],
+            "datasets": args.dataset or ([cfg.eval.path] if cfg.eval.path else ["synthetic"]),
             "samples_per_prompt": n,
-            "sampling": sampling,
-            "verifier": args.verifier,
+            "sampling": sampling.model_dump(),
+            "verifier": cfg.rewards.verifier,
             **summary,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

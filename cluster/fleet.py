@@ -15,7 +15,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.rollout_engine import RolloutEngine
-from cluster.config import Config
+from cluster.config import Config, SamplingConfig
 from cluster.liveness import ANSWERED, poll
 from cluster.placement import Plan
 from cluster.records import Prompt
@@ -73,18 +73,17 @@ class RolloutFleet:
             self.engines.append(e)
             self.groups.append(pg)
 
-    def sampling(self) -> dict:
-        r = self.cfg.rollout
-        return {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_tokens": r.max_tokens}
-
     def submit(
-        self, prompts: list[Prompt], group_size: int, sampling: dict | None = None, seed: int | None = None
+        self,
+        prompts: list[Prompt],
+        group_size: int,
+        sampling: SamplingConfig | None = None,
+        seed: int | None = None,
     ) -> list[tuple[int, list[Prompt], ray.ObjectRef]]:
         """Spread prompts over the engines, least-loaded first; a prompt's whole group goes to one engine.
-        `sampling` overrides the training sampling (evaluation uses its own temperature, top-p, top-k);
-        `seed` makes the synchronous loop's batches reproducible (see RolloutEngine.generate)."""
+        Returns (slot, its prompts, the generate call's ref) per engine that got prompts."""
         # A dead engine reads as idle: it gets its share, its generate call fails at once, and the
-        # caller's recovery (replace, reconnect, resubmit) runs on the prompts it held.
+        # caller's recovery (the driver's heal_fleet, then a resubmission) runs on the prompts it held.
         loads = [0 if n is None else n for n in self._each("load")]
         chunks: list[list[Prompt]] = [[] for _ in self.engines]
         for p in prompts:
@@ -92,20 +91,29 @@ class RolloutFleet:
             chunks[k].append(p)
             loads[k] += 1
         return [
-            (
-                k,
-                chunk,
-                self.engines[k].generate.remote(
-                    chunk,
-                    group_size,
-                    sampling or self.sampling(),
-                    self.deterministic and seed is not None,
-                    None if seed is None else seed * 7919 + self.ids[k],
-                ),
-            )
+            (k, chunk, self.submit_to(k, chunk, group_size, sampling, seed))
             for k, chunk in enumerate(chunks)
             if chunk
         ]
+
+    def submit_to(
+        self,
+        k: int,
+        prompts: list[Prompt],
+        group_size: int,
+        sampling: SamplingConfig | None = None,
+        seed: int | None = None,
+    ) -> ray.ObjectRef:
+        """G completions per prompt from the engine in slot k. `sampling`: the training rollouts' unless
+        given (evaluation samples with its own); `seed` makes the synchronous loop's batches reproducible
+        (see RolloutEngine.generate)."""
+        return self.engines[k].generate.remote(
+            prompts,
+            group_size,
+            sampling or self.cfg.rollout.sampling(),
+            self.deterministic and seed is not None,
+            None if seed is None else seed * 7919 + self.ids[k],
+        )
 
     def resize(self, n: int, version: int) -> dict:
         """Grow or shrink to n engines. Called between steps, so the engines removed have no group in

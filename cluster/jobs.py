@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.config import PRESETS, ConfigError, _deep_merge, load_config
+from cluster.config import PRESETS, ConfigError, deep_merge, load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding cluster/, actors/, learner/, rewards/
@@ -118,7 +118,7 @@ def train_args(
             tree = yaml.safe_load(path.read_text()) or {}
             file_preset = tree.pop("preset", None)
             if file_preset is not None and preset is not None:  # both: the CLI's keys win, as in load_config
-                file_overrides = _flatten(_deep_merge(PRESETS[file_preset], PRESETS[preset]))
+                file_overrides = _flatten(deep_merge(PRESETS[file_preset], PRESETS[preset]))
                 preset = None
             elif file_preset is not None:
                 preset = file_preset

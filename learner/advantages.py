@@ -8,13 +8,16 @@ no dense [groups, G] tensor is ever built.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 from torch import Tensor
 
-ESTIMATORS = ("grpo", "dr_grpo", "rloo")
-STDS = ("population", "sample")
-SCALES = ("group", "batch", "none")
+from cluster.config import AdvantageEstimator, StdKind, StdScale
+
+ESTIMATORS = get_args(AdvantageEstimator)
+STDS = get_args(StdKind)
+SCALES = get_args(StdScale)
 
 
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:

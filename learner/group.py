@@ -33,7 +33,8 @@ def _free_endpoint() -> tuple[str, int]:
 
 
 def build_rows(groups: list[ScoredGroup], cfg: Config) -> tuple[list[dict], dict[str, float]]:
-    """One training row per completion, with its group-relative advantage."""
+    """One training row per completion, with its group-relative advantage (of the groups' final
+    rewards); with `algorithm.overlong=mask`, rows of completions cut at max_tokens are not kept."""
     algo = cfg.algorithm
     rewards, group_ids, reasons, comps = [], [], [], []
     for g_id, g in enumerate(groups):
@@ -43,7 +44,9 @@ def build_rows(groups: list[ScoredGroup], cfg: Config) -> tuple[list[dict], dict
             reasons.append(c.finish_reason)
             comps.append(c)
     r = torch.tensor(rewards, dtype=torch.float64)
-    r, keep = overlong_adjust(r, reasons, algo.overlong, algo.overlong_penalty)
+    # The rewards are final: overlong=penalty was applied when the groups were scored (cluster/scoring.py),
+    # before "tied" was decided. Only the mask is left to apply here.
+    _, keep = overlong_adjust(r, reasons, "mask" if algo.overlong == "mask" else "none")
     adv = compute_advantages(r, torch.tensor(group_ids), algo.advantage, algo.std, algo.scale, algo.eps)
     rows = [
         {

@@ -8,14 +8,17 @@ never reach the loss: they are selected away with `where`, not multiplied by 0 (
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-OVERLONG_MODES = ("none", "mask", "penalty")
+from cluster.config import Aggregation, KlEstimator, OverlongMode
+
+AGGREGATIONS = get_args(Aggregation)
+KL_ESTIMATORS = get_args(KlEstimator)
+OVERLONG_MODES = get_args(OverlongMode)
 
 
 def _upcast(x: Tensor) -> Tensor:

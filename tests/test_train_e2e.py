@@ -62,7 +62,16 @@ def test_duet_train_default_three_steps(tmp_path, model_cache, tiny_model):
     )
     out = tmp_path / "eval.json"
     proc = subprocess.run(
-        duet_cmd("eval", "--model", str(final / "hf"), "--dataset", str(data), "-n", "4", "--out", str(out)),
+        duet_cmd(
+            "eval",
+            "--model",
+            str(final / "hf"),
+            "--dataset",
+            str(data),
+            "--out",
+            str(out),
+            "eval.samples_per_prompt=4",
+        ),
         cwd=REPO,
         capture_output=True,
         text=True,

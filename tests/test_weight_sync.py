@@ -135,10 +135,12 @@ def test_rebroadcast_into_an_update_that_broke_off(local_ray, tiny_model):
 def assert_samples_from(ray, engine, model, version: int, prompts: int) -> None:
     """The engine's log-probs of its own samples equal a transformers forward of `model` (within 1e-3),
     and every sample was generated under `version`."""
+    from cluster.config import SamplingConfig
     from cluster.records import Prompt
 
     batch = [Prompt(i, f"{i}+{i + 1}=", str(2 * i + 1)) for i in range(prompts)]
-    for group in ray.get(engine.generate.remote(batch, 2, {"temperature": 1.0, "max_tokens": 8})):
+    sampling = SamplingConfig(temperature=1.0, max_tokens=8)
+    for group in ray.get(engine.generate.remote(batch, 2, sampling)):
         for c in group:
             ids = torch.tensor([c.prompt_token_ids + c.token_ids])
             with torch.no_grad():

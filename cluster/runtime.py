@@ -1,0 +1,109 @@
+"""What a run needs around the loop: Ray, the model folder, the run directory and the files in it.
+
+    RUN_DIR/config.yaml     the resolved config (secrets left out); `duet train --resume` reads it back
+    RUN_DIR/actors.json     the live processes (driver, engines, learner ranks, reward workers)
+    RUN_DIR/timeline.jsonl  who was busy when (engines, rewards, learner, broadcast), written at the end
+    RUN_DIR/metrics.jsonl   one row per step (cluster/metrics.py); checkpoints/ (cluster/checkpoints.py)
+
+Ray is imported only by the functions that need it: the CLI checks a config without starting Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+from cluster.config import Config, ConfigError
+from cluster.placement import ray_cpus_needed
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the Ray of `ray job submit` (or RAY_ADDRESS), else start a local one with enough CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or pointed at a cluster
+        ray.init(log_to_driver=False)
+        return
+    ray.init(
+        # "local": a Ray of this run's own, even when `ray start` left a cluster on this machine (plain
+        # ray.init() would join that one, and refuse num_cpus there).
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, ray_cpus_needed(cfg)),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+
+
+def check_model(cfg: Config) -> None:
+    """Fail before any actor starts when model.path is neither a Hugging Face folder nor a hub id."""
+    path = cfg.model.path
+    if path is None:
+        return
+    folder = Path(path).expanduser()
+    if not folder.is_dir() and not _HUB_ID.match(path):
+        raise ConfigError(f"model.path: {path!r} is not a folder (nor a Hugging Face hub id)")
+    if folder.is_dir() and not (folder / "config.json").exists():
+        raise ConfigError(
+            f"model.path: {path!r} has no config.json: not a Hugging Face model folder (for a `duet train` "
+            "run, use RUN_DIR/checkpoints/step_XXXXXX/hf)"
+        )
+
+
+def resolve_model(cfg: Config) -> str:
+    """The model folder: the user's, or the embedded tiny model (built and warm-started once)."""
+    if cfg.model.path is not None:
+        return cfg.model.path
+    from learner.tiny_model import ensure_tiny_model
+
+    return str(
+        ensure_tiny_model(
+            cfg.model.cache_dir, cfg.model.warm_start_steps, cfg.data.synthetic_max_operand, seed=0
+        )
+    )
+
+
+def new_run_dir(cfg: Config, run_dir: str | None) -> Path:
+    """The run's folder (created): `run_dir`, else run.run_dir, else runs/<date-time>."""
+    path = Path(run_dir or cfg.run.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    """RUN_DIR/config.yaml: the resolved config (derived defaults filled in), with secrets left out (the
+    control token lives in control.json, mode 0600)."""
+    import yaml
+
+    tree = json.loads(cfg.model_dump_json())
+    tree["control"]["token"] = None
+    tree["rewards"]["remote_token"] = None
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def write_actors(
+    run_dir: Path, engine_pids: dict[int, int | None], learner_pids: list[int], reward_pids: list[int | None]
+) -> None:
+    """RUN_DIR/actors.json (engine id → pid, None for an engine that did not answer), replaced
+    atomically: operators and the fault tests read it mid-run."""
+    info = {
+        "driver": os.getpid(),
+        "engines": [{"id": i, "pid": pid} for i, pid in engine_pids.items()],
+        "learner": learner_pids,
+        "reward_workers": reward_pids,
+    }
+    tmp = run_dir / ".actors.json"
+    tmp.write_text(json.dumps(info))
+    tmp.replace(run_dir / "actors.json")
+
+
+def write_timeline(run_dir: Path, events: list[dict]) -> None:
+    """RUN_DIR/timeline.jsonl: one busy interval per line ({"component", "start", "end"}, wall-clock)."""
+    with (run_dir / "timeline.jsonl").open("w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in sorted(events, key=lambda e: e["start"]))
