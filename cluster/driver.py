@@ -317,7 +317,8 @@ class Trainer:
             metrics.update(self.learner_call(self.learner.train_step, batch))
             t1 = time.perf_counter()
             self.version += 1
-            sent = self.broadcast()
+            checked = cfg.train.weights_checked(self.version)
+            sent = self.broadcast(checked)
             t2 = time.perf_counter()
             metrics.update({"time/train_s": t1 - t0, "time/broadcast_s": t2 - t1})
             now = time.time()
@@ -325,7 +326,7 @@ class Trainer:
                 {"component": "learner", "start": now - (t2 - t0), "end": now - (t2 - t1)},
                 {"component": "broadcast", "start": now - (t2 - t1), "end": now},
             ]
-            metrics.update(self.check_sync(sent.get("digest")))
+            metrics.update(self.check_sync(sent.get("digest"), checked))
         else:  # every group tied: no gradient anywhere, so no step and no new version
             metrics.update(
                 {
@@ -355,10 +356,10 @@ class Trainer:
                 f"on without it. {where}. Continue with: duet train --resume {self.run_dir}"
             ) from None
 
-    def broadcast(self) -> dict:
+    def broadcast(self, checksum: bool = True) -> dict:
         """Push the learner's weights; if an engine died during the transfer, replace it and push again."""
         try:
-            return self.learner_call(self.learner.broadcast, self.version)
+            return self.learner_call(self.learner.broadcast, self.version, checksum)
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError):
             sent = self.heal_fleet("died during a broadcast")  # the replacement's broadcast sends to all
             if sent is None:
@@ -372,16 +373,15 @@ class Trainer:
         args = (self.eval_set, cfg.eval.samples_per_prompt, eval_sampling(cfg), cfg.rewards.verifier)
         return self.healing(lambda: evaluate(self.fleet, self.rewards, *args), "died during evaluation")
 
-    def check_sync(self, sent_digest: str | None) -> dict:
+    def check_sync(self, sent_digest: str | None, checked: bool = True) -> dict:
         """After a broadcast: did every engine get exactly the learner's weights?
 
         Exact on the transport: the sha256 of the bytes each engine's workers received must equal the
         sender's; and vLLM's own per-parameter checksums must agree between engines; and every engine
         must report the new version.
         """
-        every = self.cfg.train.check_weights_every_steps
-        if not every or self.version % every:
-            return {}
+        if not checked:
+            return {"sync/checksum_match": None}
         return self.healing(lambda: self._check_sync(sent_digest), "died after a broadcast")
 
     def _check_sync(self, sent_digest: str | None) -> dict:
@@ -575,7 +575,7 @@ def progress_line(m: dict, steps: int) -> str:
         f"step {m['step']:>3}/{steps}  v{m['policy_version']}  reward {m['reward/mean']:.3f}  "
         f"signal {m['groups/with_signal']}/{m['groups/total']}  loss {m.get('train/loss', 0.0):+.4f}  "
         f"gen {m['time/generate_s']:.1f}s  train {m['time/train_s']:.1f}s  bcast {m['time/broadcast_s']:.2f}s  "
-        f"sync {'ok' if m.get('sync/checksum_match') else 'MISMATCH'}"
+        f"sync {({True: 'ok', None: 'unchecked'}).get(m.get('sync/checksum_match'), 'MISMATCH')}"
     )
 
 
