@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
 from typing import Any
 
@@ -50,6 +51,7 @@ class RolloutEngine:
         self.update_active = False  # between start_weight_update and finish_weight_update
         self.paused_for_update = False  # the scheduler was paused for it (requests were in flight)
         self.update_pauses = 0  # updates that had to pause the scheduler (reported by ready())
+        self.update_timing: dict[str, float] = {}  # the last apply_weight_update, by phase
         self.update_done = asyncio.Event()  # set while no update is open: new requests may start
         self.update_done.set()
         args = AsyncEngineArgs(
@@ -76,6 +78,7 @@ class RolloutEngine:
             "pid": os.getpid(),
             "version": self.version,
             "update_pauses": self.update_pauses,
+            "update_timing": self.update_timing,
         }
 
     async def generate(
@@ -205,9 +208,13 @@ class RolloutEngine:
         """A whole update in one actor call (start, receive while the learner broadcasts, finish), so an
         update costs one round trip per engine. If the receive fails the update stays open (the next
         start closes it) and the engine holds new requests until a broadcast completes."""
+        t0 = time.perf_counter()
         await self.start_weight_update()
+        t1 = time.perf_counter()
         await self.update_weights(update_info)
+        t2 = time.perf_counter()
         await self.finish_weight_update(weight_version)
+        self.update_timing = {"start_s": t1 - t0, "update_s": t2 - t1, "finish_s": time.perf_counter() - t2}
 
     async def shutdown_weight_transfer_engine(self) -> None:
         """Release this engine's side of the transfer group (vLLM refuses inside an open update, so a

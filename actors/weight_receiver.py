@@ -136,6 +136,7 @@ class GlooWeightTransferEngine(
             initialize_layerwise_reload,
         )
 
+        t0 = time.perf_counter()
         if self.reload_open:
             # The last update failed mid-receive and vLLM's worker dropped its session without finishing
             # the reload; layers left half-buffered would count old and new bytes together. Close it first.
@@ -144,6 +145,7 @@ class GlooWeightTransferEngine(
         self.reload_open = True
         self.last_digest = None
         self._bucket_digests: list[str] | None = None
+        self.stats = {"start_s": time.perf_counter() - t0}
 
     def _arena(self, sizes: list[int]) -> list[torch.Tensor]:
         if [b.numel() for b in self.buffers] != sizes:
@@ -179,6 +181,7 @@ class GlooWeightTransferEngine(
             wait_s, hash_s, load_s = wait_s + t1 - t0, hash_s + t2 - t1, load_s + time.perf_counter() - t2
         self._bucket_digests = digests
         self.stats = {
+            **self.stats,
             "bytes": float(sum(sizes)),
             "buckets": float(len(buckets)),
             "receive_wait_s": wait_s,

@@ -181,6 +181,14 @@ def measure_size(name: str, path: Path, reps: int, warmup: int) -> dict:
         assert ray.get(engine.received_digest.remote()) == [checked["digest"]]
         assert ray.get(engine.weight_version.remote()) == version
         info = ray.get(engine.ready.remote())
+        rpc_ms = {}  # what one round trip costs: into the actor, and on through vLLM to its worker
+        for what, call in (("actor_call", engine.load), ("worker_rpc", engine.received_digest)):
+            lat = []
+            for _ in range(20):
+                t = time.perf_counter()
+                ray.get(call.remote())
+                lat.append(time.perf_counter() - t)
+            rpc_ms[what] = statistics.median(lat) * 1e3
         latency_s = ray.get(trainer.floor.remote(1, reps, 0))  # one byte each way: the wire's fixed cost
         ray.get(trainer.close.remote())
     finally:
@@ -205,10 +213,12 @@ def measure_size(name: str, path: Path, reps: int, warmup: int) -> dict:
         "checked_update_s": checked_s,
         "checked_hash_s": {"sender": checked.get("hash_s"), "engine": None},
         "engine_paused_for_updates": info["update_pauses"],
+        "rpc_ms_median": rpc_ms,
         "sender": {k: median_of(sender, k) for k in ("time_s", "pack_s", "send_wait_s", "engines_s")},
         "engine_worker": {
-            k: median_of(receiver, k) for k in ("receive_wait_s", "load_s", "hash_s", "finalize_s")
+            k: median_of(receiver, k) for k in ("start_s", "receive_wait_s", "load_s", "hash_s", "finalize_s")
         },
+        "engine_actor_last_update": info["update_timing"],
         "buckets": sender[-1]["buckets"],
         "startup_s": startup_s,
     }
