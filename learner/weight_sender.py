@@ -210,8 +210,9 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         except Exception as e:
             self.broken = True
             # An engine that failed first says why (e.g. it died): prefer its error to gloo's.
-            with contextlib.suppress(WeightTransferError):
-                self.client.wait(receiving, "receiving", time.monotonic() + 5.0)
+            ready, _ = ray.wait(receiving, num_returns=len(receiving), timeout=5.0)
+            for ref in ready:
+                ray.get(ref)
             raise WeightTransferError(f"weight broadcast of version {weight_version} broke off: {e}") from e
         t0 = time.perf_counter()
         try:
@@ -264,13 +265,12 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 for part, i in zip(parts, bucket):
                     payload[offset : offset + sizes[i]].copy_(part.reshape(-1).view(torch.uint8))
                     offset += sizes[i]
-            t1 = time.perf_counter()
+            pack_s += time.perf_counter() - t0
             in_flight[slot] = (self.group.broadcast(payload, 0), (payload, parts))
-            t2 = time.perf_counter()
             if checksum:  # reading the bytes while gloo sends them is safe; nobody writes them
+                t2 = time.perf_counter()
                 digests.append(hashlib.sha256(payload.numpy()).hexdigest())
-            pack_s += t1 - t0
-            hash_s += time.perf_counter() - t2
+                hash_s += time.perf_counter() - t2
         for slot in (0, 1):
             wait_s += settle(slot)
         self.stats = {
