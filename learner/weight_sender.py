@@ -35,6 +35,7 @@ from actors.weight_receiver import (
     digest_of,
     open_group,
     param_nbytes,
+    pipelined_bucket_bytes,
     plan_buckets,
 )
 
@@ -187,7 +188,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             self._plan = (
                 key,
                 asdict(describe_update(meta)),
-                plan_buckets(sizes, self.info.bucket_bytes),
+                plan_buckets(sizes, pipelined_bucket_bytes(sum(sizes), self.info.bucket_bytes)),
                 sizes,
             )
         return self._plan[1], self._plan[2], self._plan[3]
@@ -296,7 +297,9 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         if self.group is None or self.group.size() != 2:
             raise ValueError("the floor is measured over a transfer group of one trainer and one worker")
         refs = [h.transport_floor.remote(nbytes, warmup + reps) for h in self.client.handles]
-        buf = torch.ones(nbytes, dtype=torch.uint8)
+        if getattr(self, "_floor_buf", None) is None or self._floor_buf.numel() != nbytes:
+            self._floor_buf = torch.ones(nbytes, dtype=torch.uint8)
+        buf = self._floor_buf
         ack = torch.zeros(1, dtype=torch.uint8)
         timeout = timedelta(seconds=self.info.timeout_s)
         times = []
