@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if name != "tiny" and name not in SIZES:
             raise SystemExit(f"--sizes: unknown size {name!r}; known: tiny, {', '.join(SIZES)}")
     paths = {name: build_model(cache, name) for name in names}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         rows = [measure_size(name, paths[name], args.reps, args.warmup) for name in names]
     finally:
