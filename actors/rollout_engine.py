@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
 
 import ray
@@ -44,10 +45,20 @@ class RolloutEngine:
         from actors.weight_receiver import register
 
         register()
+        # vLLM's layerwise reload allocates every layer afresh on each weight update (and on CPU its GEMM
+        # re-packs the weights): with 4 KiB pages the first touch of that memory costs more than the
+        # transfer itself (1.2 vs 5 GB/s measured). PyTorch's CPU allocator then asks for huge pages.
+        # vLLM's processes are spawned from here and inherit it.
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         self.engine_id = engine_id
         self.version = initial_version
         self.in_flight = 0
-        self.update_active = False
+        self.update_active = False  # between start_weight_update and finish_weight_update
+        self.paused_for_update = False  # the scheduler was paused for it (requests were in flight)
+        self.update_pauses = 0  # updates that had to pause the scheduler (reported by ready())
+        self.update_timing: dict[str, float] = {}  # the last apply_weight_update, by phase
+        self.update_done = asyncio.Event()  # set while no update is open: new requests may start
+        self.update_done.set()
         args = AsyncEngineArgs(
             model=model_path,
             dtype=dtype,
@@ -67,7 +78,13 @@ class RolloutEngine:
         self.engine = AsyncLLM.from_engine_args(args)
 
     def ready(self) -> dict:
-        return {"engine_id": self.engine_id, "pid": os.getpid(), "version": self.version}
+        return {
+            "engine_id": self.engine_id,
+            "pid": os.getpid(),
+            "version": self.version,
+            "update_pauses": self.update_pauses,
+            "update_timing": self.update_timing,
+        }
 
     async def generate(
         self,
@@ -92,6 +109,8 @@ class RolloutEngine:
         params = SamplingParams(
             n=group_size, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY, **sampling.model_dump()
         )
+        while self.update_active:  # an update skipped the pause (the engine was idle): wait it out
+            await self.update_done.wait()
         self.in_flight += len(prompts)
         version_start = self.version
         try:
@@ -158,11 +177,17 @@ class RolloutEngine:
                 await self.engine.finish_weight_update()
             await self.engine.start_weight_update()
             return
-        # "keep": requests in flight stay where they are and continue under the new weights after the
-        # transfer (their completions record both versions); the fleet stops only for the copy.
-        await self.engine.pause_generation(mode="keep", clear_cache=False)
-        await self.engine.start_weight_update()
+        # No await between the check of in_flight and closing the gate: generate() cannot slip in.
         self.update_active = True
+        self.update_done.clear()
+        self.paused_for_update = self.in_flight > 0
+        if self.paused_for_update:
+            self.update_pauses += 1
+            # "keep": requests in flight stay where they are and continue under the new weights after
+            # the transfer (their completions record both versions). An idle engine needs no pause
+            # (it costs two engine RPCs and a 20 ms sleep in vLLM): the gate above holds new requests.
+            await self.engine.pause_generation(mode="keep", clear_cache=False)
+        await self.engine.start_weight_update()
 
     async def update_weights(self, update_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
@@ -170,15 +195,48 @@ class RolloutEngine:
         await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
 
     async def finish_weight_update(self, weight_version: str | None = None) -> None:
+        # vLLM stamps the version before generation resumes: no completion ends under the new
+        # weights with the old version number.
         await self.engine.finish_weight_update(weight_version=weight_version)
-        self.update_active = False
         if weight_version is not None:
             self.version = int(weight_version)
-        await self.engine.resume_generation()
+        self._end_update()
+        if self.paused_for_update:
+            self.paused_for_update = False
+            await self.engine.resume_generation()
 
-    async def set_version(self, weight_version: str) -> None:
-        await self.engine.update_weight_version(weight_version)
-        self.version = int(weight_version)
+    def _end_update(self) -> None:
+        self.update_active = False
+        self.update_done.set()
+
+    async def apply_weight_update(self, update_info: dict, weight_version: str | None) -> None:
+        """A whole update in one actor call (start, receive while the learner broadcasts, finish), so an
+        update costs one round trip per engine. If the receive fails the update stays open (the next
+        start closes it) and the engine holds new requests until a broadcast completes."""
+        t0 = time.perf_counter()
+        await self.start_weight_update()
+        t1 = time.perf_counter()
+        await self.update_weights(update_info)
+        t2 = time.perf_counter()
+        await self.finish_weight_update(weight_version)
+        self.update_timing = {"start_s": t1 - t0, "update_s": t2 - t1, "finish_s": time.perf_counter() - t2}
+
+    async def shutdown_weight_transfer_engine(self) -> None:
+        """Release this engine's side of the transfer group (vLLM refuses inside an open update, so a
+        broken-off one is closed first). The engine keeps holding requests if that update broke off:
+        its weights are half new until the reconnected learner sends them whole."""
+        if self.update_active:
+            with contextlib.suppress(Exception):
+                await self.engine.finish_weight_update()
+        await self.engine.shutdown_weight_transfer_engine()
+
+    async def transport_floor(self, nbytes: int, reps: int) -> None:
+        """Receive side of the learner's floor measurement over the same transfer group."""
+        await self.engine.collective_rpc("duet_transport_floor", args=(nbytes, reps))
+
+    async def transfer_stats(self) -> list[dict]:
+        """Per worker: timings of the last update, and the transfer groups it opened and closed."""
+        return await self.engine.collective_rpc("duet_transfer_stats")
 
     async def weight_version(self) -> int:
         reported = await self.engine.get_weight_version()

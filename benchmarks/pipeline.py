@@ -492,7 +492,7 @@ def summarize_run(run_dir: Path, warmup: int, k: int, prompts: int, ceiling_tps:
         "staleness_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
         "queue": queue,
         "stale_dropped_fraction": queue.get("dropped_stale", 0) / max(queue.get("put", 0), 1),
-        "sync_checksum_match": all(m.get("sync/checksum_match", False) for m in metrics),
+        "sync_checksum_match": all(m.get("sync/checksum_match") is not False for m in metrics),
         "per_step": [
             {
                 key: m.get(key)

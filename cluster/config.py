@@ -244,8 +244,19 @@ class TrainConfig(_Section):
         1024, ge=1, description="ReplayQueue capacity, in groups; engines wait when it is full."
     )
     check_weights_every_steps: int = Field(
-        1, ge=0, description="Compare engine and learner weights after every N-th broadcast (0: never)."
+        10,
+        ge=0,
+        description="Prove engine weights equal the learner's (sha256 of the broadcast bytes at both ends, "
+        "versions, vLLM's per-parameter checksums across engines) on the first broadcast and every N-th "
+        "after it (0: never). Other steps skip the hashing and log sync/checksum_match null. Default 10: "
+        "a check costs about two sha256 passes over the weights (~1 s at 540 MB, ~4% of a 135M step), "
+        "so checking every 10th keeps it under 0.5% while a broken transfer still shows within 10 steps.",
     )
+
+    def weights_checked(self, version: int) -> bool:
+        """Whether the broadcast of policy `version` is checked (the first one always is)."""
+        every = self.check_weights_every_steps
+        return every > 0 and (version == 1 or version % every == 0)
 
 
 class CheckpointConfig(_Section):

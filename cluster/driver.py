@@ -231,7 +231,8 @@ class Trainer:
             metrics.update(self.learner_call(self.learner.train_step, batch))
             t1 = time.perf_counter()
             self.version += 1
-            sent = self.broadcast()
+            checked = self.cfg.train.weights_checked(self.version)
+            sent = self.broadcast(checked)
             t2 = time.perf_counter()
             metrics.update({"time/train_s": t1 - t0, "time/broadcast_s": t2 - t1})
             now = time.time()
@@ -239,7 +240,7 @@ class Trainer:
                 {"component": "learner", "start": now - (t2 - t0), "end": now - (t2 - t1)},
                 {"component": "broadcast", "start": now - (t2 - t1), "end": now},
             ]
-            metrics.update(self.check_sync(sent.get("digest")))
+            metrics.update(self.check_sync(sent.get("digest"), checked))
         else:  # every group tied: no gradient anywhere, so no step and no new version
             metrics.update(
                 {
@@ -253,24 +254,24 @@ class Trainer:
         metrics["policy_version"] = self.version
         return metrics
 
-    def broadcast(self) -> dict:
-        """Push the learner's weights; if an engine died during the transfer, heal_fleet replaces it and
-        pushes to every engine again."""
+    def broadcast(self, checksum: bool = True) -> dict:
+        """Push the learner's weights (hashing the bytes only when this step is checked); if an engine died
+        during the transfer, heal_fleet replaces it and pushes to every engine again."""
         try:
-            return self.learner_call(self.learner.broadcast, self.version)
+            return self.learner_call(self.learner.broadcast, self.version, checksum)
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError):
             sent = self.heal_fleet("died during a broadcast")
             if sent is None:
                 raise
             return sent
 
-    def check_sync(self, sent_digest: str | None) -> dict:
-        """After a broadcast (every train.check_weights_every_steps): did every engine get exactly the
+    def check_sync(self, sent_digest: str | None, checked: bool = True) -> dict:
+        """After a broadcast (see train.check_weights_every_steps): did every engine get exactly the
         learner's weights? The sha256 of the bytes each engine's workers received equals the sender's,
-        vLLM's per-parameter checksums agree between engines, and every engine reports the new version."""
-        every = self.cfg.train.check_weights_every_steps
-        if not every or self.version % every:
-            return {}
+        vLLM's per-parameter checksums agree between engines, and every engine reports the new version.
+        Unchecked steps say so (None), not True."""
+        if not checked:
+            return {"sync/checksum_match": None}
 
         def check() -> dict:
             versions = ray.get([e.weight_version.remote() for e in self.fleet.engines])
@@ -437,5 +438,5 @@ def progress_line(m: dict, steps: int) -> str:
         f"step {m['step']:>3}/{steps}  v{m['policy_version']}  reward {m['reward/mean']:.3f}  "
         f"signal {m['groups/with_signal']}/{m['groups/total']}  loss {m.get('train/loss', 0.0):+.4f}  "
         f"gen {m['time/generate_s']:.1f}s  train {m['time/train_s']:.1f}s  bcast {m['time/broadcast_s']:.2f}s  "
-        f"sync {'ok' if m.get('sync/checksum_match') else 'MISMATCH'}"
+        f"sync {({True: 'ok', None: 'unchecked'}).get(m.get('sync/checksum_match'), 'MISMATCH')}"
     )

@@ -189,18 +189,25 @@ class LearnerGroup:
         stats["train/updates"] = float(n)
         return stats
 
-    def init_broadcast(self, engines: list, workers_per_engine: int, backend: str) -> None:
+    def init_broadcast(
+        self, engines: list, workers_per_engine: int, backend: str, timeout_s: float | None = None
+    ) -> None:
+        """`timeout_s`: deadline of one weight update (and of the rendezvous) on learner rank 0."""
         address, port = ray.get(_free_endpoint.remote())
         bucket = int(self.cfg.learner.broadcast_bucket_mib * (1 << 20))
         ray.get(
             [
-                w.init_broadcast.remote(engines, address, port, workers_per_engine, backend, bucket)
+                w.init_broadcast.remote(
+                    engines, address, port, workers_per_engine, backend, bucket, timeout_s
+                )
                 for w in self.workers
             ]
         )
 
-    def broadcast(self, version: int) -> dict[str, Any]:
-        results = ray.get([w.broadcast.remote(version) for w in self.workers])
+    def broadcast(self, version: int, checksum: bool = True) -> dict[str, Any]:
+        """Push the weights as `version`. `checksum`: hash the bytes at both ends, for the driver's check
+        (`sync/checksum_match`); the steps that are not checked skip the hashing."""
+        results = ray.get([w.broadcast.remote(version, checksum) for w in self.workers])
         return results[0]
 
     def shutdown_broadcast(self) -> None:

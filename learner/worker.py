@@ -237,13 +237,20 @@ class LearnerWorker:
         workers_per_engine: int,
         backend: str,
         bucket_bytes: int,
+        timeout_s: float | None = None,
     ) -> None:
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-        from learner.weight_sender import EngineFleetClient, ZeroModuleSource, register_trainer_engine
+        from learner.weight_sender import (
+            TRANSFER_TIMEOUT_S,
+            EngineFleetClient,
+            ZeroModuleSource,
+            register_trainer_engine,
+        )
 
         register_trainer_engine()
-        client = EngineFleetClient(engine_handles, workers_per_engine)
+        self.transfer_timeout_s = timeout_s or TRANSFER_TIMEOUT_S
+        client = EngineFleetClient(engine_handles, workers_per_engine, self.transfer_timeout_s)
         world = 1 + len(engine_handles) * workers_per_engine
         source = ZeroModuleSource(self.engine.module, self.learner["zero_stage"])
         if backend == "nccl":
@@ -265,24 +272,21 @@ class LearnerWorker:
                 world_size=world,
                 rank=self.rank,
                 bucket_bytes=bucket_bytes,
+                timeout_s=self.transfer_timeout_s,
             )
-        self.client = client
         self.sender = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
 
-    def broadcast(self, version: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        if hasattr(self.sender, "last_digest"):
-            self.sender.send_weights(str(version))
-        else:  # vLLM's NCCL engine finishes without a version: set it after
-            self.sender.send_weights()
-            if self.rank == 0:
-                self.client.finish_version(str(version))
-        return {"time_s": time.perf_counter() - t0, "digest": getattr(self.sender, "last_digest", None)}
+    def broadcast(self, version: int, checksum: bool = True) -> dict[str, Any]:
+        """Send the weights as `version`; `checksum`: hash the bytes at both ends (a checked step)."""
+        from learner.weight_sender import send
+
+        return send(self.sender, version, checksum, self.transfer_timeout_s)
 
     def shutdown_broadcast(self) -> None:
-        if self.sender is not None:
-            self.sender.shutdown()
-            self.sender = None
+        from learner.weight_sender import close
+
+        close(self.sender)
+        self.sender = None
 
     # ---- state ----
     def full_state_dict(self) -> dict[str, torch.Tensor]:

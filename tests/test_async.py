@@ -52,6 +52,7 @@ def test_async_run_bounded_staleness(tmp_path, model_cache, tiny_model):
             str(run),
             "train.steps=6",
             "train.max_staleness_versions=1",
+            "train.check_weights_every_steps=1",
             "rollout.prompts_per_step=16",
             f"model.cache_dir={model_cache}",
             "run.progress=false",

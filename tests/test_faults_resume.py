@@ -92,6 +92,7 @@ def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_
         run,
         f"train.steps={steps}",
         "rollout.num_engines=2",
+        "train.check_weights_every_steps=1",
         f"data.synthetic_problems={steps * per_step}",
         "algorithm.filter_tied=false",
         "eval.every_steps=3",  # in-run evaluation shares the fleet: it must survive the replacement too

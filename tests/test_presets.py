@@ -17,6 +17,7 @@ def test_preset_runs(preset, local_ray, tmp_path, model_cache, tiny_model):
         preset=preset,
         overrides=[
             "train.steps=2",
+            "train.check_weights_every_steps=1",
             "rollout.prompts_per_step=8",
             f"model.cache_dir={model_cache}",
             "run.progress=false",

