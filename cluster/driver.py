@@ -32,6 +32,7 @@ from cluster.evaluation import eval_metrics, eval_prompts, eval_sampling, evalua
 from cluster.fleet import RolloutFleet
 from cluster.metrics import MetricsWriter
 from cluster.placement import make_plan, ray_cpus_needed
+from cluster.preflight import check_plan, check_run_dir, node_addresses, wait_placed
 from cluster.records import Prompt, ScoredGroup, VerifyItem
 from cluster.telemetry import Telemetry
 from learner.group import LearnerGroup
@@ -111,10 +112,15 @@ class Trainer:
 
     # ---- start-up: placement, actors, the weight-transfer group ----
     def start(self) -> None:
-        cfg, plan = self.cfg, self.plan
+        cfg = self.cfg
         init_ray(cfg)
+        plan, warnings = check_plan(cfg)  # fails in seconds when the cluster cannot hold the plan
+        self.plan = plan
+        for w in warnings:
+            print(f"duet: {w}", file=sys.stderr, flush=True)
         self.learner_pg = placement_group(plan.learner_bundles, strategy="PACK")
-        ray.get(self.learner_pg.ready())
+        wait_placed(self.learner_pg, cfg.cluster.placement_timeout_s, "learner")
+        check_run_dir(self.run_dir, self.learner_pg, cfg.cluster.placement_timeout_s)
         self.fleet = RolloutFleet(cfg, plan, self.model_path)
         self.rewards = RewardPool(cfg.rewards)
         self.queue = ReplayQueue.remote(
@@ -141,12 +147,19 @@ class Trainer:
 
     def write_actors(self) -> None:
         """RUN_DIR/actors.json: the live processes (for operators, and for the fault tests that kill them)."""
+        where = node_addresses()
         info = {
             "driver": os.getpid(),
+            "driver_address": ray.util.get_node_ip_address(),
             "engines": [
-                {"id": i, "pid": r and r["pid"]} for i, r in zip(self.fleet.ids, self.fleet.ready_info())
+                {"id": i, "pid": r and r["pid"], "address": r and where.get(r["node"])}
+                for i, r in zip(self.fleet.ids, self.fleet.ready_info())
             ],
             "learner": self.learner_call(self.learner.pids),
+            "learner_addresses": [
+                where.get(r["node"]) for r in ray.get([w.ready.remote() for w in self.learner.workers])
+            ],
+            "rendezvous": getattr(self.learner, "rendezvous", None),
             "reward_workers": self.rewards.worker_pids(),
         }
         tmp = self.run_dir / ".actors.json"

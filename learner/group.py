@@ -188,6 +188,7 @@ class LearnerGroup:
 
     def init_broadcast(self, engines: list, workers_per_engine: int, backend: str) -> None:
         address, port = ray.get(_free_endpoint.remote())
+        self.rendezvous = {"address": address, "port": port}  # recorded in RUN_DIR/actors.json
         bucket = int(self.cfg.learner.broadcast_bucket_mib * (1 << 20))
         ray.get(
             [
