@@ -32,6 +32,7 @@ class RolloutEngine:
         dtype: str = "float32",
         max_model_len: int = 256,
         tensor_parallel_size: int = 1,
+        distributed_executor_backend: str | None = None,
         gpu_memory_utilization: float = 0.85,
         enforce_eager: bool = True,
         seed: int = 0,
@@ -64,6 +65,8 @@ class RolloutEngine:
             dtype=dtype,
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
+            # "mp" for tensor parallel (cluster/placement.py says why not vLLM's Ray executor).
+            distributed_executor_backend=distributed_executor_backend,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
             seed=seed,
@@ -84,6 +87,7 @@ class RolloutEngine:
             "version": self.version,
             "update_pauses": self.update_pauses,
             "update_timing": self.update_timing,
+            "node": ray.get_runtime_context().get_node_id(),
         }
 
     async def generate(

@@ -51,20 +51,28 @@ def _train(argv: list[str]) -> int:
         print(f"duet train: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from cluster.placement import make_plan
+        from cluster.preflight import PreflightError, dry_run_plan
 
+        try:
+            plan, warnings = dry_run_plan(cfg)
+        except PreflightError as e:
+            print(f"duet train: {e}", file=sys.stderr)
+            return 1
         print(
             f"config OK: {n_prompts} prompts, {cfg.train.steps} steps, G={cfg.rollout.group_size}, "
             f"{cfg.rollout.prompts_per_step} prompts/step ({cfg.rollout.prompts_per_step * cfg.rollout.group_size} "
             "rollouts/step)"
         )
-        print(make_plan(cfg).describe())
+        print(plan.describe())
+        for w in warnings:
+            print(f"warning: {w}")
         return 0
     from cluster.driver import RunStopped, train
+    from cluster.preflight import PreflightError
 
     try:
         run_dir = train(cfg, args.run_dir, resume=bool(args.resume))
-    except RunStopped as e:
+    except (RunStopped, PreflightError) as e:
         print(f"duet train: {e}", file=sys.stderr)
         return 1
     print(f"run written to {run_dir}")

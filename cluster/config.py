@@ -55,7 +55,7 @@ class DatasetFields(_Section):
 class RunConfig(_Section):
     seed: int = Field(0, description="Seed for the dataset order, sampling and the learner.")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: CUDA + NCCL where GPUs exist, else CPU + gloo."
+        "auto", description="auto: CUDA + NCCL when the Ray cluster has a GPU on any node, else CPU + gloo."
     )
     run_dir: str | None = Field(None, description="Output folder; default: a new folder under runs/.")
     progress: bool = Field(True, description="Show a progress line per step on stderr.")
@@ -102,7 +102,10 @@ class RolloutConfig(SamplingConfig):
 
     num_engines: int = Field(1, ge=1, description="Number of RolloutEngine actors (vLLM engines).")
     gpus_per_engine: int = Field(
-        1, ge=1, description="GPUs per engine (tensor parallel size); ignored on CPU."
+        1,
+        ge=1,
+        description="GPUs per engine = its tensor parallel size (vLLM's mp executor, one worker per GPU); "
+        "on CPU: that many vLLM worker processes, a core each.",
     )
     group_size: int = Field(2, description="Completions per prompt (G). 2 is 2-GRPO; must be >= 2.")
     prompts_per_step: int = Field(64, ge=1, description="Prompts whose groups make one optimizer step.")
@@ -305,6 +308,42 @@ class ControlConfig(_Section):
     )
 
 
+class ClusterConfig(_Section):
+    placement_timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="Longest wait, in seconds, for a placement group (the learner's, each engine's) to be "
+        "placed; past it the run fails naming what the cluster could not hold.",
+    )
+    autoscaling: bool = Field(
+        False,
+        description="The cluster adds nodes on demand (Ray autoscaler, KubeRay): a plan bigger than the "
+        "cluster is then a warning at start, and the placement waits up to placement_timeout_s.",
+    )
+    engine_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Extra Ray resources each engine's bundle asks for, e.g. {rollout_node: 1} with the "
+        "rollout nodes started by `ray start --resources='{\"rollout_node\": 8}'`: steers engines there.",
+    )
+    learner_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Extra Ray resources each learner rank's bundle asks for (as engine_resources).",
+    )
+
+    @model_validator(mode="after")
+    def _resources(self) -> ClusterConfig:
+        for name in ("engine_resources", "learner_resources"):
+            for key, value in getattr(self, name).items():
+                if key in ("CPU", "GPU", "memory", "object_store_memory"):
+                    raise ValueError(
+                        f"cluster.{name}: {key!r} is set by the plan (rollout/learner sections); "
+                        "name a custom resource here"
+                    )
+                if value <= 0:
+                    raise ValueError(f"cluster.{name}.{key} must be > 0 (got {value})")
+        return self
+
+
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -317,6 +356,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _derived_defaults(self) -> Config:

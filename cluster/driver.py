@@ -34,6 +34,7 @@ from cluster.fleet import RolloutFleet
 from cluster.metrics import MetricsWriter
 from cluster.pipeline import RolloutProducer
 from cluster.placement import make_plan
+from cluster.preflight import check_plan, check_run_dir, node_addresses, wait_placed
 from cluster.records import Prompt, ScoredGroup
 from cluster.scoring import Scoring, group_metrics, staleness_metrics
 from cluster.telemetry import Telemetry
@@ -344,10 +345,17 @@ class Trainer:
     # ---- start-up, the learner's calls, checkpoints, status, shut-down ----
     def start(self) -> None:
         """Placement, actors, the weight-transfer group; from a checkpoint with `resume`."""
-        cfg, plan = self.cfg, self.plan
+        cfg = self.cfg
         runtime.init_ray(cfg)
+        plan, warnings = check_plan(
+            cfg
+        )  # fails in seconds, naming what is missing, when the cluster is short
+        self.plan = plan
+        for w in warnings:
+            print(f"duet: {w}", file=sys.stderr, flush=True)
         self.learner_pg = placement_group(plan.learner_bundles, strategy="PACK")
-        ray.get(self.learner_pg.ready())
+        wait_placed(self.learner_pg, cfg.cluster.placement_timeout_s, "learner")
+        check_run_dir(self.run_dir, self.learner_pg, cfg.cluster.placement_timeout_s)
         self.fleet = RolloutFleet(cfg, plan, self.model_path)
         self.rewards = RewardPool(cfg.rewards)
         self.queue = ReplayQueue.remote(
@@ -414,9 +422,21 @@ class Trainer:
 
     def write_actors(self) -> None:
         """RUN_DIR/actors.json: the live processes (for operators, and for the fault tests that kill them)."""
-        engines = {i: info and info["pid"] for i, info in zip(self.fleet.ids, self.fleet.ready_info())}
-        learner = self.learner_call(self.learner.pids)
-        runtime.write_actors(self.run_dir, engines, learner, self.rewards.worker_pids())
+        where = node_addresses()  # node id → address: which host each actor runs on
+        engines = [
+            {"id": i, "pid": r and r["pid"], "address": r and where.get(r["node"])}
+            for i, r in zip(self.fleet.ids, self.fleet.ready_info())
+        ]
+        ranks = self.learner_call(self.learner.ready_info)
+        runtime.write_actors(
+            self.run_dir,
+            engines,
+            [r["pid"] for r in ranks],
+            self.rewards.worker_pids(),
+            driver_address=ray.util.get_node_ip_address(),
+            learner_addresses=[where.get(r["node"]) for r in ranks],
+            rendezvous=getattr(self.learner, "rendezvous", None),
+        )
 
     def shutdown(self) -> None:
         """Release everything this run holds, so several runs can share one Ray (benchmarks, tests)."""

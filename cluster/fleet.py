@@ -18,6 +18,7 @@ from actors.rollout_engine import RolloutEngine
 from cluster.config import Config, SamplingConfig
 from cluster.liveness import ANSWERED, poll
 from cluster.placement import Plan
+from cluster.preflight import wait_placed
 from cluster.records import Prompt
 
 
@@ -34,7 +35,8 @@ class RolloutFleet:
 
     @property
     def workers_per_engine(self) -> int:
-        return self.cfg.rollout.gpus_per_engine if self.plan.device == "cuda" else 1
+        """vLLM workers per engine (tensor parallel ranks): each takes its own rank in the transfer group."""
+        return self.plan.tensor_parallel_size
 
     def _start_one(self, version: int):
         i = self.next_id
@@ -43,11 +45,13 @@ class RolloutFleet:
         env = dict(self.plan.engine_env[i % len(self.plan.engine_env)])
         env.update(VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
         pg = placement_group([bundle])
-        ray.get(pg.ready())
+        wait_placed(pg, self.cfg.cluster.placement_timeout_s, f"RolloutEngine {i}")
         r = self.cfg.rollout
         engine = RolloutEngine.options(
             num_cpus=bundle.get("CPU", 1),
-            num_gpus=bundle.get("GPU", 0) if r.gpus_per_engine == 1 else 0,
+            # The actor holds all its bundle's GPUs: a tensor-parallel engine's mp workers inherit its
+            # CUDA_VISIBLE_DEVICES (an actor with none would see, and use, the node's first GPUs).
+            num_gpus=self.plan.engine_gpus(),
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
             runtime_env={"env_vars": env},
             max_concurrency=64,
@@ -56,7 +60,8 @@ class RolloutFleet:
             self.model_path,
             dtype=self.cfg.model.dtype,
             max_model_len=r.max_model_len,
-            tensor_parallel_size=r.gpus_per_engine if self.plan.device == "cuda" else 1,
+            tensor_parallel_size=self.plan.tensor_parallel_size,
+            distributed_executor_backend=self.plan.engine_executor,
             gpu_memory_utilization=r.gpu_memory_utilization,
             enforce_eager=r.enforce_eager,
             seed=self.cfg.run.seed + i,

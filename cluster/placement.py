@@ -1,10 +1,28 @@
 """Placement: engine bundles apart from learner bundles, in Ray placement groups.
 
-Each rollout engine is its own placement group (one bundle of `gpus_per_engine` GPUs, or one CPU
-slot on CPU) so the fleet can grow and shrink at run time without touching the learner, whose ranks
-share one placement group (`PACK`: keep the DeepSpeed ranks close). On CPU, vLLM's OpenMP threads are
-bound per engine (`rollout.cpu_threads_bind`) and the learner can be pinned (`learner.cpu_affinity`);
-vLLM's engine-core and front-end processes are not bound (benchmarks/pipeline.py measures the effect).
+Each rollout engine is its own placement group of one bundle, so the fleet can grow and shrink at
+run time without touching the learner, whose ranks share one placement group (`PACK`: keep the
+DeepSpeed ranks close).
+
+A tensor-parallel engine (`rollout.gpus_per_engine` = T > 1) runs vLLM's `mp` executor: the engine
+actor holds all T GPUs of its bundle (a bundle always lies on one node) and vLLM starts its T workers
+as child processes, which inherit the actor's CUDA_VISIBLE_DEVICES. The alternative, vLLM's Ray
+executor, is what vLLM picks by default inside a placement group, and it refuses a bundle with more
+than one GPU (vllm/v1/executor/ray_utils.py); it would also need an actor holding no GPU, and on
+Ray 2.60 such an actor sees every GPU of its node. So the plan names the executor explicitly.
+On CPU the same path runs with T worker processes, each bound to its own cores (`a|b` in
+VLLM_CPU_OMP_THREADS_BIND), which is how the tests exercise tensor-parallel engines without GPUs.
+
+`run.device=auto` is resolved from the cluster's resources (any GPU on any alive node), not from the
+driver's own torch: on a cluster the driver runs on a head that usually has no GPU.
+
+On CPU, vLLM's OpenMP threads are bound per engine (`rollout.cpu_threads_bind`) and the learner can
+be pinned (`learner.cpu_affinity`); vLLM's engine-core and front-end processes are not bound
+(benchmarks/pipeline.py measures the effect).
+
+Steering: `cluster.engine_resources` / `cluster.learner_resources` add custom Ray resources to the
+engine and learner bundles, so engines land only on nodes started with that resource (e.g.
+`ray start --resources='{"rollout_node": 8}'`) and the learner on others.
 """
 
 from __future__ import annotations
@@ -23,13 +41,29 @@ class Plan:
     learner_bundles: list[dict[str, float]]
     engine_env: list[dict[str, str]]  # per engine: vLLM CPU settings
     learner_threads: int | None
+    tensor_parallel_size: int = 1  # vLLM workers per engine
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def engine_executor(self) -> str | None:
+        """vLLM's distributed executor: `mp` for a tensor-parallel engine (see the module docstring);
+        None lets a single-worker engine run in-process, as vLLM picks."""
+        return "mp" if self.tensor_parallel_size > 1 else None
+
+    def engine_gpus(self) -> int:
+        """GPUs the engine actor itself holds: all of its bundle's, so vLLM's workers see exactly those."""
+        return int(self.engine_bundles[0].get("GPU", 0)) if self.engine_bundles else 0
 
     def describe(self) -> str:
         lines = [f"device: {self.device} (weight transfer: {self.weight_transfer})"]
+        tp = f", tensor parallel {self.tensor_parallel_size} ({self.engine_executor} executor)"
         for i, (b, env) in enumerate(zip(self.engine_bundles, self.engine_env)):
             extra = f"  threads bind {env.get('VLLM_CPU_OMP_THREADS_BIND')}" if env else ""
-            lines.append(f"  RolloutEngine {i}: placement group bundle {b}{extra}")
+            lines.append(
+                f"  RolloutEngine {i}: placement group bundle {b}"
+                + (tp if self.tensor_parallel_size > 1 else "")
+                + extra
+            )
         for i, b in enumerate(self.learner_bundles):
             lines.append(f"  LearnerWorker rank {i}: learner placement group bundle {b}")
         if self.learner_threads:
@@ -38,9 +72,14 @@ class Plan:
         return "\n".join(lines)
 
 
-def resolve_device(requested: str) -> str:
+def resolve_device(requested: str, cluster_gpus: float | None = None) -> str:
+    """`auto`: CUDA when the cluster has a GPU anywhere. `cluster_gpus` is the cluster's total
+    (preflight reads it from the alive nodes); None means a local Ray not started yet, which will
+    hold this machine's GPUs, so the local torch decides."""
     if requested != "auto":
         return requested
+    if cluster_gpus is not None:
+        return "cuda" if cluster_gpus > 0 else "cpu"
     try:
         import torch
 
@@ -49,30 +88,41 @@ def resolve_device(requested: str) -> str:
         return "cpu"
 
 
-def cpu_binds(num_engines: int, cores: int, setting: str) -> list[str]:
-    """Per-engine VLLM_CPU_OMP_THREADS_BIND: disjoint core ranges when there are enough cores."""
+def cpu_binds(num_engines: int, cores: int, setting: str, workers_per_engine: int = 1) -> list[str]:
+    """Per-engine VLLM_CPU_OMP_THREADS_BIND: disjoint core ranges when there are enough cores.
+    A tensor-parallel engine gets one range per worker, joined by `|` (vLLM's syntax for ranks)."""
     if setting != "auto":
         return [setting] * num_engines
-    if num_engines > cores:
+    ranks = num_engines * workers_per_engine
+    if ranks > cores:
         return ["nobind"] * num_engines
-    per = cores // num_engines
-    return [f"{i * per}-{i * per + per - 1}" if per > 1 else str(i * per) for i in range(num_engines)]
+    per = cores // ranks
+
+    def span(j: int) -> str:
+        return f"{j * per}-{j * per + per - 1}" if per > 1 else str(j * per)
+
+    return [
+        "|".join(span(i * workers_per_engine + w) for w in range(workers_per_engine))
+        for i in range(num_engines)
+    ]
 
 
-def make_plan(cfg: Config) -> Plan:
-    device = resolve_device(cfg.run.device)
-    n, k = cfg.rollout.num_engines, cfg.learner.num_ranks
+def make_plan(cfg: Config, cluster_gpus: float | None = None) -> Plan:
+    device = resolve_device(cfg.run.device, cluster_gpus)
+    n, k, tp = cfg.rollout.num_engines, cfg.learner.num_ranks, cfg.rollout.gpus_per_engine
+    extra_engine, extra_learner = cfg.cluster.engine_resources, cfg.cluster.learner_resources
     if device == "cuda":
         return Plan(
             device="cuda",
             weight_transfer="nccl",
-            engine_bundles=[{"GPU": cfg.rollout.gpus_per_engine, "CPU": 1} for _ in range(n)],
-            learner_bundles=[{"GPU": cfg.learner.gpus_per_rank, "CPU": 1} for _ in range(k)],
+            engine_bundles=[{"GPU": tp, "CPU": 1, **extra_engine} for _ in range(n)],
+            learner_bundles=[{"GPU": cfg.learner.gpus_per_rank, "CPU": 1, **extra_learner} for _ in range(k)],
             engine_env=[{} for _ in range(n)],
             learner_threads=None,
+            tensor_parallel_size=tp,
         )
     cores = cfg.run.cpu_cores or os.cpu_count() or 1
-    binds = cpu_binds(n, cores, cfg.rollout.cpu_threads_bind)
+    binds = cpu_binds(n, cores, cfg.rollout.cpu_threads_bind, tp)
     env = [
         {"VLLM_CPU_OMP_THREADS_BIND": b, "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kvcache_gib)}
         for b in binds
@@ -83,14 +133,16 @@ def make_plan(cfg: Config) -> Plan:
     return Plan(
         device="cpu",
         weight_transfer="gloo",
-        engine_bundles=[{"CPU": 1} for _ in range(n)],
-        learner_bundles=[{"CPU": 1} for _ in range(k)],
+        engine_bundles=[{"CPU": tp, **extra_engine} for _ in range(n)],
+        learner_bundles=[{"CPU": 1, **extra_learner} for _ in range(k)],
         engine_env=env,
         learner_threads=max(1, cores // k),
+        tensor_parallel_size=tp,
         notes=notes,
     )
 
 
 def ray_cpus_needed(cfg: Config) -> int:
-    """Logical CPUs a local Ray needs: one slot per engine, learner rank, reward worker and the queue."""
-    return cfg.rollout.num_engines + cfg.learner.num_ranks + cfg.rewards.num_workers + 2
+    """Logical CPUs a local Ray needs: the engines' and learner ranks' slots, the reward workers, the queue."""
+    engine_cpus = cfg.rollout.num_engines * cfg.rollout.gpus_per_engine
+    return engine_cpus + cfg.learner.num_ranks + cfg.rewards.num_workers + 2

@@ -15,6 +15,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from cluster.config import Config, ConfigError
 from cluster.placement import ray_cpus_needed
@@ -88,15 +89,17 @@ def write_config(run_dir: Path, cfg: Config) -> None:
 
 
 def write_actors(
-    run_dir: Path, engine_pids: dict[int, int | None], learner_pids: list[int], reward_pids: list[int | None]
+    run_dir: Path, engines: list[dict], learner_pids: list[int], reward_pids: list[int | None], **where: Any
 ) -> None:
-    """RUN_DIR/actors.json (engine id → pid, None for an engine that did not answer), replaced
-    atomically: operators and the fault tests read it mid-run."""
+    """RUN_DIR/actors.json (engines as {"id", "pid", "address"}, pid None for an engine that did not
+    answer; `where`: node addresses and the rendezvous), replaced atomically: operators and the fault
+    tests read it mid-run."""
     info = {
         "driver": os.getpid(),
-        "engines": [{"id": i, "pid": pid} for i, pid in engine_pids.items()],
+        "engines": engines,
         "learner": learner_pids,
         "reward_workers": reward_pids,
+        **where,
     }
     tmp = run_dir / ".actors.json"
     tmp.write_text(json.dumps(info))

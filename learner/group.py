@@ -108,8 +108,12 @@ class LearnerGroup:
         ray.get([w.ready.remote() for w in self.workers])
         self.batches = 0  # train_step calls so far: seeds the mini-batch shuffle (kept in checkpoints)
 
+    def ready_info(self) -> list[dict]:
+        """Each rank's {"rank", "pid", "node"}."""
+        return ray.get([w.ready.remote() for w in self.workers])
+
     def pids(self) -> list[int]:
-        return [r["pid"] for r in ray.get([w.ready.remote() for w in self.workers])]
+        return [r["pid"] for r in self.ready_info()]
 
     def dead_ranks(self, timeout_s: float = 30.0) -> list[int]:
         """Ranks whose process is gone. A rank that is only slow to answer is not counted."""
@@ -194,6 +198,7 @@ class LearnerGroup:
     ) -> None:
         """`timeout_s`: deadline of one weight update (and of the rendezvous) on learner rank 0."""
         address, port = ray.get(_free_endpoint.remote())
+        self.rendezvous = {"address": address, "port": port}  # recorded in RUN_DIR/actors.json
         bucket = int(self.cfg.learner.broadcast_bucket_mib * (1 << 20))
         ray.get(
             [

@@ -1,0 +1,117 @@
+"""duet-rl on a simulated multi-node cluster (tests/cluster_sim.py): a head with no CPUs and worker
+nodes in their own network namespaces, each with its own address, token authentication on.
+
+The run is steered the way a user steers it on a real cluster: the worker nodes are started with
+custom resources (`ray start --resources='{"duet_engine": 4}'`), and `cluster.engine_resources` /
+`cluster.learner_resources` make the engine and learner bundles ask for them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from cluster.metrics import read_metrics
+from tests.cluster_sim import netns_available, sim_cluster
+from tests.conftest import REPO, duet_cmd
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(netns_available() is not None, reason=str(netns_available())),
+]
+
+STEERING = ["cluster.engine_resources={duet_engine: 1}", "cluster.learner_resources={duet_learner: 1}"]
+
+
+def _submit(cluster, run_dir, model_cache, *overrides: str, wait: bool = True, timeout: float = 900):
+    args = [
+        "submit", "--address", cluster.dashboard, "--run-dir", str(run_dir),
+        f"model.cache_dir={model_cache}", "run.progress=false", "control.enabled=false",
+        "checkpoint.final=false", "rollout.prompts_per_step=8", "rewards.num_workers=1", *STEERING, *overrides,
+    ]  # fmt: skip
+    if not wait:
+        args.insert(1, "--no-wait")
+    return subprocess.run(
+        duet_cmd(*args), cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _actors(run_dir) -> dict:
+    return json.loads((run_dir / "actors.json").read_text())
+
+
+def test_weights_cross_the_network_engine_and_learner_on_different_nodes(tmp_path, model_cache, tiny_model):
+    with sim_cluster([{"duet_engine": 4}, {"duet_learner": 4}]) as cluster:
+        run_dir = tmp_path / "run"
+        t0 = time.monotonic()
+        proc = _submit(cluster, run_dir, model_cache, "train.steps=3")
+        print(f"submit + 3 steps on the simulated cluster: {time.monotonic() - t0:.0f} s")
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        metrics = read_metrics(run_dir)
+        assert [m["step"] for m in metrics] == [1, 2, 3]
+        assert all(m["sync/checksum_match"] is True for m in metrics), [
+            m.get("sync/checksum_match") for m in metrics
+        ]
+        actors = _actors(run_dir)
+        engine_node = cluster.node(actors["engines"][0]["address"])
+        learner_node = cluster.node(actors["learner_addresses"][0])
+        assert actors["driver_address"] == cluster.head.address
+        assert engine_node.name == "worker1" and learner_node.name == "worker2", actors
+        assert len({cluster.head.address, engine_node.address, learner_node.address}) == 3
+        # The engines dial the rendezvous: it must be where learner rank 0 listens (issue 12, finding 2).
+        assert actors["rendezvous"]["address"] == learner_node.address, actors
+
+
+def test_a_worker_node_killed_whole_its_engine_is_placed_again_on_a_node_left(
+    tmp_path, model_cache, tiny_model
+):
+    with sim_cluster([{"duet_engine": 4}, {"duet_learner": 4}, {"duet_engine": 4}]) as cluster:
+        run_dir = tmp_path / "run"
+        # worker1 and worker3 both carry duet_engine: kill whichever holds the engine after step 1.
+        proc = _submit(cluster, run_dir, model_cache, "train.steps=4", wait=False)
+        assert proc.returncode == 0, proc.stderr
+        deadline = time.monotonic() + 600
+        while not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir):
+            assert time.monotonic() < deadline, "the run made no step"
+            time.sleep(2)
+        first = _actors(run_dir)
+        doomed = cluster.node(first["engines"][0]["address"])
+        assert doomed.name in ("worker1", "worker3")
+        killed = cluster.kill_node(doomed)
+        assert killed > 0
+        job_id = proc.stdout.splitlines()[0].strip()
+        follow = subprocess.run(
+            duet_cmd("logs", job_id, "-f", "--address", cluster.dashboard),
+            cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert follow.returncode == 0, follow.stdout[-4000:] + follow.stderr[-4000:]
+        metrics = read_metrics(run_dir)
+        assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+        replaced = [e for m in metrics for e in m["events"] if e.get("event") == "engine_replaced"]
+        assert replaced, [m["events"] for m in metrics]
+        after = _actors(run_dir)
+        survivor = cluster.node(after["engines"][0]["address"])
+        assert survivor.name in ("worker1", "worker3") and survivor is not doomed, after
+        assert all(m["sync/checksum_match"] is True for m in metrics[-1:])
+
+
+def test_a_run_dir_that_learner_rank_0_does_not_share_fails_at_start(tmp_path, model_cache, tiny_model):
+    """Checkpoints are written by learner rank 0: a run dir that its node does not share with the
+    driver (here worker2 sees the test's folder as an empty tmpfs of its own) fails at start, naming it."""
+    shared = tmp_path / "storage"
+    shared.mkdir()
+    with sim_cluster([{"duet_engine": 4}, {"duet_learner": 4}], private_dirs={2: [str(shared)]}) as cluster:
+        t0 = time.monotonic()
+        proc = _submit(cluster, shared / "run", model_cache, "train.steps=2", timeout=600)
+        elapsed = time.monotonic() - t0
+        assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "learner rank 0's node" in proc.stdout and "does not see the driver's folder" in proc.stdout, (
+            proc.stdout[-3000:]
+        )
+        assert cluster.workers[1].address in proc.stdout
+        assert not (shared / "run" / "metrics.jsonl").exists() or not read_metrics(shared / "run")
+        print(f"refused after {elapsed:.0f} s")
