@@ -19,7 +19,7 @@ import pytest
 from cluster.config import RewardsConfig
 from cluster.records import VerifyItem
 from rewards import verifiers as V
-from rewards.sandbox import Sandbox, _Child, _ChildDied
+from rewards.sandbox import Sandbox, _ChildDied
 
 TIMEOUT_S = 1.0
 REASONS = {"correct", "wrong", "no_answer", "timeout", "too_long"}
@@ -79,9 +79,13 @@ def custom_prints(prompt: str, completion: str, reference: str) -> float:
 
 
 def custom_kills_parent(prompt: str, completion: str, reference: str) -> float:
-    """Used by the pool tests: SIGKILLs the process that owns the sandbox (the RewardWorker actor)."""
+    """Used by the pool tests: SIGKILLs the process that owns the sandbox (the RewardWorker actor).
+
+    The child's parent is the sandbox's fork server; the owner is the fork server's parent."""
     if "KILL-PARENT" in completion:
-        os.kill(os.getppid(), signal.SIGKILL)
+        with open(f"/proc/{os.getppid()}/stat") as f:
+            owner = int(f.read().rsplit(")", 1)[1].split()[1])
+        os.kill(owner, signal.SIGKILL)
         time.sleep(3600)
     return 1.0
 
@@ -459,17 +463,14 @@ def test_custom_function_that_does_not_import() -> None:
 def test_cpu_limit_kills_an_orphaned_runaway_child() -> None:
     """Without its parent's kill (parent died), a child stuck in CPU work dies by RLIMIT_CPU."""
     cfg = RewardsConfig(timeout_s=0.25, custom_function=f"{HERE}:custom_spins")
-    sb = Sandbox(cfg, spare=False)
-    child = _Child(sb._boot_line, sb._env)
-    try:
-        child.wait_ready(60.0)
+    with Sandbox(cfg, spare=False) as sb:
+        child = sb._child  # driven by hand: run() would kill it at its time limit
+        assert child is not None
         req = {"id": 1, "verifier": "custom", "completion": "", "reference": "", "prompt": ""}
         child.send(json.dumps(req).encode() + b"\n", time.monotonic() + 5)
         with pytest.raises(_ChildDied):  # nobody kills it: the kernel does, after ~timeout + 1 s of CPU
             child.read_line(time.monotonic() + 30.0)
         assert child.exit_code() == -signal.SIGXCPU
-    finally:
-        child.kill()
 
 
 def test_sandbox_start_fails_loudly_when_the_child_cannot_boot() -> None:
