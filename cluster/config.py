@@ -153,8 +153,8 @@ class RewardsConfig(_Section):
         description="How the math verifier finds the answer: the last \\boxed{...} (no box: no_answer), "
         "or math-verify's own extraction over the whole completion (LaTeX, 'final answer is', numbers).",
     )
-    sandbox_env: list[str] = Field(
-        default_factory=list,
+    sandbox_env: tuple[str, ...] = Field(
+        (),
         description="Names of environment variables passed on to the verifier child processes. They get a "
         "minimal environment (PATH, HOME, locale, PYTHONPATH...), never the driver's tokens.",
     )

@@ -95,7 +95,17 @@ def make_app(controller: Controller, token: str | None):
     async def status() -> JSONResponse:
         return await call(controller.status)
 
-    @app.post("/scale")
+    # The bodies are read and checked by hand (size cap, exact shape); this describes them for clients
+    # and for the schema-driven fuzz tests. No schema is served (openapi_url=None).
+    scale_body = {
+        "type": "object",
+        "required": ["engines"],
+        "properties": {"engines": {"type": "integer", "minimum": 1}},
+    }
+
+    @app.post(
+        "/scale", openapi_extra={"requestBody": {"content": {"application/json": {"schema": scale_body}}}}
+    )
     async def scale(request: Request) -> JSONResponse:
         check_token(request)
         body = await json_body(request)
