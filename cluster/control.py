@@ -78,7 +78,7 @@ def make_app(controller: Controller, token: str | None):
             raise HTTPException(415, "send application/json")
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's limit
             raise HTTPException(400, "body is not valid JSON") from None
         if not isinstance(data, dict):
             raise HTTPException(422, "body must be a JSON object")
