@@ -31,7 +31,8 @@ NAP = VerifyItem("", "", "custom", "naps")  # takes 0.25 s and scores 1: makes a
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> None:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a new cluster of our own, even when another Ray runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -411,7 +411,7 @@ def test_timeout_kills_and_replaces_child(sandbox: Sandbox) -> None:
 # The hostile items that reach the time limit: back to back, each kill must find a ready child at once.
 TIMING_OUT = [
     "power_tower",
-    "power_python_syntax",
+    "nested_parens",
     "big_power",
     "mod_power_tower",
     "triple_factorial",
