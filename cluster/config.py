@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,10 @@ StdScale = Literal["group", "batch", "none"]
 KlEstimator = Literal["k1", "k2", "k3"]
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 OverlongMode = Literal["none", "mask", "penalty"]
+
+# The same shape rewards.verifiers.load_custom accepts (kept here: the schema imports no runtime code).
+_CUSTOM_FUNCTION = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Section(BaseModel):
@@ -154,8 +159,24 @@ class RewardsConfig(_Section):
     verifier: Literal["math", "custom", "remote"] = Field(
         "math", description="Verifier used for training rewards."
     )
-    remote_url: str | None = Field(None, description="Base URL of a duet reward server (remote).")
-    remote_token: str | None = Field(None, description="Bearer token for the remote reward server.")
+    remote_url: str | None = Field(
+        None, description="Base URL (http:// or https://) of a duet reward server; needed by verifier=remote."
+    )
+    remote_token: str | None = Field(
+        None,
+        description="Refused when set: a token written here shows in config files, `ps` and job entrypoints, "
+        "and --resume loses it. Use remote_token_file or remote_token_env. (Kept so older configs load.)",
+    )
+    remote_token_file: str | None = Field(
+        None,
+        description="File whose first line is the remote server's bearer token (read by the driver at start, "
+        "so a resumed run reads it again). Takes precedence over remote_token_env.",
+    )
+    remote_token_env: str = Field(
+        "DUET_REWARD_TOKEN",
+        description="Environment variable of the driver holding the remote server's bearer token. Unset "
+        "variable: no token, unless the name was changed from the default (then it is an error).",
+    )
     remote_concurrency: int = Field(4, ge=1, description="Concurrent requests to the remote server.")
     remote_retries: int = Field(2, ge=0, description="Retries per remote request.")
     percent_as_fraction: bool = Field(
@@ -166,6 +187,48 @@ class RewardsConfig(_Section):
         description="How the math verifier finds the answer: the last \\boxed{...} (no box: no_answer), "
         "or math-verify's own extraction over the whole completion (LaTeX, 'final answer is', numbers).",
     )
+    sandbox_env: tuple[str, ...] = Field(
+        (),
+        description="Names of environment variables passed on to the verifier child processes. They get a "
+        "minimal environment (PATH, HOME, locale, PYTHONPATH...), never the driver's tokens.",
+    )
+
+    @model_validator(mode="after")
+    def _verifier_needs(self) -> RewardsConfig:
+        if self.verifier == "custom" and not self.custom_function:
+            raise ValueError(
+                "rewards.custom_function must be set when rewards.verifier=custom (every reward would be "
+                "an error): give rewards.custom_function=package.module:function, or choose verifier=math"
+            )
+        if self.custom_function is not None and not _CUSTOM_FUNCTION.match(self.custom_function):
+            raise ValueError(
+                f"rewards.custom_function must look like 'package.module:function', got "
+                f"{self.custom_function!r}"
+            )
+        if self.verifier == "remote" and not self.remote_url:
+            raise ValueError(
+                "rewards.remote_url must be set when rewards.verifier=remote (every reward would be an "
+                "error): give the URL of a `duet serve-reward` server, e.g. rewards.remote_url=http://host:8765"
+            )
+        if self.remote_url is not None and not self.remote_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"rewards.remote_url must start with http:// or https://, got {self.remote_url[:80]!r}"
+            )
+        if self.remote_token is not None:
+            raise ValueError(
+                "rewards.remote_token is not accepted: a token in the config shows in config files, in `ps` "
+                "and in the job's entrypoint, and --resume would lose it. Put it in a file and set "
+                "rewards.remote_token_file=PATH, or in an environment variable of the driver and set "
+                "rewards.remote_token_env=NAME (default DUET_REWARD_TOKEN)"
+            )
+        if not _ENV_NAME.match(self.remote_token_env):
+            raise ValueError(
+                f"rewards.remote_token_env must be an environment variable name, got {self.remote_token_env!r}"
+            )
+        for name in self.sandbox_env:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"rewards.sandbox_env: {name!r} is not an environment variable name")
+        return self
 
 
 class AlgorithmConfig(_Section):

@@ -38,8 +38,11 @@ from rewards.worker import RewardWorker
 
 _INFLIGHT_PER_WORKER = 1
 _MAX_CHUNK = 16
-# A chunk that has not come back after (items ahead of it + its own) × (timeout_s + this) + the grace
-# below is declared hung: its worker is killed and replaced. Generous: it only catches real hangs.
+# A worker runs its chunks one after another, in the order they were sent, whichever caller sent
+# them. So each chunk's budget, len × (timeout_s + this) + the grace below, counts from the moment the
+# chunk reached the head of its worker's queue (sent, and every chunk sent before it answered): a
+# chunk queued behind other callers' chunks is not blamed for their time. A worker whose head chunk
+# overruns its budget is declared hung, killed and replaced. Generous: it only catches real hangs.
 _PER_ITEM_SLACK_S = 1.0
 _HUNG_GRACE_S = 60.0
 
@@ -55,7 +58,22 @@ class _Flight:
     chunk: _Chunk
     slot: int
     handle: Any
-    deadline: float
+
+
+@dataclass
+class _Queued:
+    """A chunk sent to a worker and not answered yet (shared by every caller of the pool)."""
+
+    ref: Any
+    items: int
+
+
+@dataclass
+class _WorkerQueue:
+    """A worker's unanswered chunks in the order it will run them, and since when the head one runs."""
+
+    chunks: deque[_Queued]
+    head_since: float
 
 
 class RewardPool:
@@ -90,8 +108,11 @@ class RewardPool:
         self._hung_grace_s = hung_grace_s
         self._ready_timeout_s = ready_timeout_s
         self._proven: set[Any] = set()  # worker handles (hashed by actor id) that have answered once
+        self._queues: dict[Any, _WorkerQueue] = {}  # per worker handle; guarded by self._lock
         self._lock = threading.Lock()
         self._closed = False
+        # The remote client first: a token file or variable that cannot be read fails before any actor starts.
+        self._remote = RemoteVerifier.from_config(cfg) if cfg.remote_url else None
         self._workers = [self._new_worker(i) for i in range(self.num_workers)]
         try:
             ray.get([w.ready.remote() for w in self._workers], timeout=ready_timeout_s)
@@ -99,7 +120,6 @@ class RewardPool:
             self.shutdown()
             raise RuntimeError(f"RewardPool: workers did not start: {e}") from e
         self._proven.update(self._workers)
-        self._remote = RemoteVerifier.from_config(cfg) if cfg.remote_url else None
         self._jobs = ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward-pool")
         self._remote_jobs = ThreadPoolExecutor(max_workers=2, thread_name_prefix="reward-remote")
 
@@ -188,6 +208,7 @@ class RewardPool:
             with contextlib.suppress(Exception):
                 ray.kill(dead, no_restart=True)
             self._proven.discard(dead)
+            self._queues.pop(dead, None)
             self._workers[slot] = self._new_worker(slot)
             self.replaced.append({"time": time.time(), "worker": slot, "reason": reason})
 
@@ -220,7 +241,6 @@ class RewardPool:
         size = self._chunk_size or max(1, min(_MAX_CHUNK, math.ceil(len(local) / (m * 4))))
         todo: deque[_Chunk] = deque(_Chunk(local[i : i + size]) for i in range(0, len(local), size))
         flights: dict[Any, _Flight] = {}
-        per_item = self.cfg.timeout_s + _PER_ITEM_SLACK_S
 
         def lost(chunk: _Chunk) -> None:
             if chunk.attempt == 0:
@@ -242,17 +262,14 @@ class RewardPool:
                 mine = [f for f in flights.values() if f.slot == slot and f.handle is handle]
                 while todo and len(mine) < _INFLIGHT_PER_WORKER:
                     chunk = todo.popleft()
-                    ahead = sum(len(f.chunk.indices) for f in mine) + len(chunk.indices)
-                    deadline = time.monotonic() + ahead * per_item + self._hung_grace_s
-                    if handle not in self._proven:  # a replacement may still be starting up
-                        deadline += self._ready_timeout_s
-                    ref = handle.score.remote([items[i] for i in chunk.indices])
-                    flight = _Flight(chunk, slot, handle, deadline)
+                    ref = self._send(handle, [items[i] for i in chunk.indices])
+                    flight = _Flight(chunk, slot, handle)
                     flights[ref] = flight
                     mine.append(flight)
             ready, _ = ray.wait(list(flights), num_returns=1, timeout=0.25)
             for ref in ready:
                 f = flights.pop(ref)
+                self._answered(f.handle, ref)
                 try:
                     out = ray.get(ref)
                     if len(out) != len(f.chunk.indices):
@@ -270,13 +287,57 @@ class RewardPool:
                 self._proven.add(f.handle)
                 for i, r in zip(f.chunk.indices, out, strict=True):
                     results[i] = r
-            now = time.monotonic()
-            for f in list(flights.values()):
-                if now > f.deadline:
-                    # Killing it makes its refs fail with RayActorError: the path above retries them.
-                    self._replace(f.slot, f.handle, "hung: no answer within the chunk's time budget")
-                    f.deadline = float("inf")
+            # Killing a hung worker makes its refs fail with RayActorError: the path above retries them.
+            self._kill_hung({f.handle for f in flights.values()})
             # Chunks on a replaced worker whose refs have not failed yet: they fail soon (killed actor).
+
+    def _send(self, handle: Any, items: list[VerifyItem]) -> Any:
+        """Send a chunk and queue it on its worker: the ref and the queue entry appear together."""
+        with self._lock:
+            ref = handle.score.remote(items)
+            queue = self._queues.get(handle)
+            if queue is None or not queue.chunks:
+                queue = self._queues[handle] = _WorkerQueue(deque(), time.monotonic())
+            queue.chunks.append(_Queued(ref, len(items)))
+            return ref
+
+    def _answered(self, handle: Any, ref: Any) -> None:
+        """A chunk answered (or failed): the next one in its worker's queue starts its clock now."""
+        with self._lock:
+            queue = self._queues.get(handle)
+            if queue is None:
+                return
+            before = len(queue.chunks)
+            queue.chunks = deque(q for q in queue.chunks if q.ref != ref)
+            if len(queue.chunks) != before:
+                queue.head_since = time.monotonic()
+            if not queue.chunks and handle not in self._workers:  # a replaced worker's last chunk
+                del self._queues[handle]
+
+    def _kill_hung(self, handles: set[Any]) -> None:
+        """Replace each of these workers whose head chunk overran its budget (see _PER_ITEM_SLACK_S)."""
+        per_item = self.cfg.timeout_s + _PER_ITEM_SLACK_S
+        for handle in handles:
+            while True:
+                with self._lock:
+                    queue = self._queues.get(handle)
+                    if queue is None or not queue.chunks:
+                        break
+                    head = queue.chunks[0]
+                    budget = head.items * per_item + self._hung_grace_s
+                    if handle not in self._proven:  # a replacement may still be starting up
+                        budget += self._ready_timeout_s
+                    if time.monotonic() - queue.head_since <= budget:
+                        break
+                    slot = next((i for i, w in enumerate(self._workers) if w is handle), None)
+                # Another caller's chunk may have answered without that caller having looked yet.
+                done, _ = ray.wait([head.ref], num_returns=1, timeout=0)
+                if done:
+                    self._answered(handle, head.ref)
+                    continue
+                if slot is not None:
+                    self._replace(slot, handle, "hung: no answer within the chunk's time budget")
+                break
 
 
 def _first_line(e: BaseException) -> str:

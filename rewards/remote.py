@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -61,12 +62,16 @@ class RemoteVerifier:
 
     @classmethod
     def from_config(cls, cfg: Any) -> RemoteVerifier:
-        """Build from RewardsConfig (remote_url, remote_token, remote_concurrency, remote_retries...)."""
+        """Build from RewardsConfig (remote_url, the token's file or variable, remote_concurrency...).
+
+        The token is read here, in the process that sends the requests, every time a run starts: a
+        resumed run reads the same file or variable again (config.yaml holds only their names).
+        """
         if not cfg.remote_url:
             raise ValueError("rewards.remote_url is not set")
         return cls(
             cfg.remote_url,
-            token=cfg.remote_token,
+            token=resolve_remote_token(cfg),
             concurrency=cfg.remote_concurrency,
             retries=cfg.remote_retries,
             timeout_s=cfg.timeout_s,
@@ -137,6 +142,40 @@ class RemoteVerifier:
                 break
         elapsed = time.perf_counter() - t0
         return [VerifyResult(0.0, f"error: remote {error}", elapsed) for _ in batch]
+
+
+def resolve_remote_token(cfg: Any) -> str | None:
+    """The remote server's bearer token from `rewards.remote_token_file` or `rewards.remote_token_env`.
+
+    Raises ConfigError naming the field when the configured source is missing or empty: a run that
+    would send every request without its token would score every item 401, silently.
+    """
+    from cluster.config import ConfigError, RewardsConfig
+
+    if cfg.remote_token_file:
+        path = os.path.expanduser(cfg.remote_token_file)
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"rewards.remote_token_file: cannot read {cfg.remote_token_file!r} ({type(e).__name__}): "
+                "give a readable file whose first line is the token"
+            ) from None
+        if not token:
+            raise ConfigError(
+                f"rewards.remote_token_file: {cfg.remote_token_file!r} is empty: its first line must be the token"
+            )
+        return token
+    token = os.environ.get(cfg.remote_token_env, "").strip()
+    if token:
+        return token
+    if cfg.remote_token_env != RewardsConfig.model_fields["remote_token_env"].default:
+        raise ConfigError(
+            f"rewards.remote_token_env: the environment variable {cfg.remote_token_env} is not set (or empty) "
+            "in the driver's environment: export it before starting the run, or use rewards.remote_token_file"
+        )
+    return None
 
 
 def _text(value: Any) -> str:

@@ -62,6 +62,8 @@ class LocalVerifierPool:
             for i, sb in enumerate(self._sandboxes)
         ]
         self._closed = False
+        self.served = 0  # items scored since start (read by /healthz; only the serving threads write it)
+        self._served_lock = threading.Lock()
         for t in self._threads:
             t.start()
 
@@ -73,6 +75,8 @@ class LocalVerifierPool:
             item, fut = job
             if fut.set_running_or_notify_cancel():
                 fut.set_result(sandbox.run(item))  # run() never raises
+                with self._served_lock:
+                    self.served += 1
 
     def submit(self, item: VerifyItem) -> Future:
         fut: Future = Future()
@@ -139,9 +143,31 @@ def make_app(
         pool = state.get("pool")
         if pool is None or not pool.alive():
             return fail(503, "verifier pool not serving")
-        return JSONResponse({"ok": True, "workers": n_workers, "backlog": pool.backlog})
+        return JSONResponse(
+            {"ok": True, "workers": n_workers, "backlog": pool.backlog, "served": pool.served}
+        )
 
-    @app.post("/v1/verify")
+    # The body is read and checked by hand (streamed size cap, plain JSON); this describes it for
+    # clients and for the schema-driven fuzz tests (tests/test_api_fuzz.py). No schema is served.
+    verify_schema = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": request_schema(max_items)}},
+        },
+        "responses": {
+            str(code): {"description": text}
+            for code, text in {
+                400: "body is not JSON",
+                401: "missing or wrong bearer token",
+                413: "body or item count over the limit",
+                415: "not application/json",
+                422: "items malformed (the message names the item and field)",
+                503: "server busy",
+            }.items()
+        },
+    }
+
+    @app.post("/v1/verify", openapi_extra=verify_schema)
     async def verify(request: Request) -> JSONResponse:
         if token is not None:
             auth = request.headers.get("authorization", "")
@@ -178,6 +204,25 @@ def make_app(
         return JSONResponse({"results": out})
 
     return app
+
+
+def request_schema(max_items: int = DEFAULT_MAX_ITEMS) -> dict:
+    """JSON Schema of a `POST /v1/verify` body, as `_read_items` checks it."""
+    item = {
+        "type": "object",
+        "required": ["completion", "reference"],
+        "properties": {
+            "completion": {"type": "string"},
+            "reference": {"type": "string"},
+            "verifier": {"type": "string", "enum": list(LOCAL_VERIFIERS)},
+            "prompt": {"type": "string"},
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "maxItems": max_items, "items": item}},
+    }
 
 
 def _read_items(data: Any, max_items: int) -> tuple[list[VerifyItem], str | None]:

@@ -31,7 +31,8 @@ NAP = VerifyItem("", "", "custom", "naps")  # takes 0.25 s and scores 1: makes a
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> None:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a new cluster of our own, even when another Ray runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -68,13 +69,15 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def pool(ray_cluster: None, reward_server: str) -> RewardPool:
+def pool(ray_cluster: None, reward_server: str, tmp_path_factory: pytest.TempPathFactory) -> RewardPool:
+    token_file = tmp_path_factory.mktemp("secrets") / "reward.token"
+    token_file.write_text("t0k\n")
     cfg = RewardsConfig(
         num_workers=2,
         timeout_s=TIMEOUT_S,
         custom_function=CUSTOM,
         remote_url=reward_server,
-        remote_token="t0k",
+        remote_token_file=str(token_file),
     )
     p = RewardPool(cfg)
     yield p
@@ -226,6 +229,49 @@ def test_hung_worker_is_killed_and_replaced(ray_cluster: None) -> None:
         assert time.perf_counter() - t0 < 30
         assert len(p.replaced) == 1 and p.replaced[0]["reason"].startswith("hung")
         assert p.worker_pids()[0] != pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        p.shutdown()
+
+
+def test_chunk_queued_behind_another_callers_chunk_is_not_declared_hung(ray_cluster: None) -> None:
+    """Issue 11, finding 9: one worker, two callers. Caller A's chunk of 4 timeouts keeps the worker
+    busy ~4 s; caller B's one-item chunk waits behind it in the worker's queue. B's budget must count
+    from when A's chunk answered, not from when B sent: before, B's clock (1 × (timeout + 1 s) +
+    grace = 3 s) ran out while the healthy worker was still on A's chunk, and the worker was killed
+    as hung (and A's chunk run a second time)."""
+    cfg = RewardsConfig(num_workers=1, timeout_s=1.0)
+    p = RewardPool(cfg, chunk_size=4, hung_grace_s=1.0)
+    try:
+        t0 = time.perf_counter()
+        slow = p.score_async([VerifyItem(SLOW, "1")] * 4)
+        time.sleep(0.5)  # A's chunk is sent (and running) first
+        quick = p.score_async([VerifyItem("\\boxed{2}", "2")])
+        assert [r.reason for r in p.wait(quick, timeout=60)] == ["correct"]
+        waited = time.perf_counter() - t0
+        assert [r.reason for r in p.wait(slow, timeout=60)] == ["timeout"] * 4
+        assert waited > 3.5, f"B answered after {waited:.1f} s: it was never queued behind A's chunk"
+        assert p.replaced == [], p.replaced
+    finally:
+        p.shutdown()
+
+
+def test_hung_worker_is_still_caught_behind_other_callers(ray_cluster: None) -> None:
+    """The other side of the same budget: a worker stopped (SIGSTOP) with chunks of two callers
+    queued on it is declared hung once its head chunk overruns, and both callers get every result."""
+    p = RewardPool(RewardsConfig(num_workers=1, timeout_s=1.0), chunk_size=2, hung_grace_s=1.0)
+    pid = p.worker_pids()[0]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        a_items, a_expected = numbered(4)
+        b_items, b_expected = numbered(3)
+        t0 = time.perf_counter()
+        ha, hb = p.score_async(a_items), p.score_async(b_items)
+        check(p.wait(ha, timeout=120), a_expected)
+        check(p.wait(hb, timeout=120), b_expected)
+        assert time.perf_counter() - t0 < 60
+        assert len(p.replaced) == 1 and p.replaced[0]["reason"].startswith("hung"), p.replaced
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -189,3 +189,72 @@ def test_refuses_public_bind_without_token(
     assert serve_reward_main(["--workers", "0"]) == 2
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("example.com")
+
+
+# ---------------------------------------------------------------- the client's token across --resume
+
+
+def _resumed_rewards(tmp_path: Path, overrides: list[str]):
+    """Write the run's config.yaml as the driver does, and load it back as `duet train --resume` does."""
+    from cluster.config import load_config
+    from cluster.runtime import write_config
+
+    write_config(tmp_path, load_config(None, overrides))
+    return load_config(tmp_path / "config.yaml").rewards
+
+
+def _score_remote(rewards_cfg, n: int = 4) -> list[str]:
+    client = RemoteVerifier.from_config(rewards_cfg)
+    try:
+        items = [VerifyItem(f"\\boxed{{{i}}}", str(i), verifier="remote") for i in range(n)]
+        return [r.reason for r in client.score(items)]
+    finally:
+        client.close()
+
+
+def test_resumed_run_keeps_the_reward_token_from_the_environment(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11, finding 3: config.yaml holds no token, yet a resumed run must send the same one.
+
+    The driver's environment holds it (DUET_REWARD_TOKEN, the variable the server reads too); the
+    client reads it again at every start. Before, the token came only from the config and a resumed
+    run scored every item `error: remote HTTP 401`."""
+    monkeypatch.setenv("DUET_REWARD_TOKEN", TOKEN)
+    resumed = _resumed_rewards(tmp_path, ["rewards.verifier=remote", f"rewards.remote_url={server}"])
+    assert TOKEN not in (tmp_path / "config.yaml").read_text()
+    assert _score_remote(resumed) == ["correct"] * 4
+
+
+def test_resumed_run_keeps_the_reward_token_from_a_file(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DUET_REWARD_TOKEN", raising=False)
+    token_file = tmp_path / "reward.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    run = tmp_path / "run"
+    run.mkdir()
+    overrides = [
+        "rewards.verifier=remote",
+        f"rewards.remote_url={server}",
+        f"rewards.remote_token_file={token_file}",
+    ]
+    resumed = _resumed_rewards(run, overrides)
+    assert TOKEN not in (run / "config.yaml").read_text()
+    assert resumed.remote_token_file == str(token_file)
+    assert _score_remote(resumed) == ["correct"] * 4
+    # A variable named by hand must exist: a run without its token would score every item 401.
+    from cluster.config import ConfigError, load_config
+
+    named = load_config(None, [f"rewards.remote_url={server}", "rewards.remote_token_env=MY_REWARD_TOKEN"])
+    with pytest.raises(
+        ConfigError, match=r"rewards\.remote_token_env: the environment variable MY_REWARD_TOKEN"
+    ):
+        RemoteVerifier.from_config(named.rewards)
+    token_file.write_text("\n")
+    with pytest.raises(ConfigError, match=r"rewards\.remote_token_file: .* is empty"):
+        RemoteVerifier.from_config(resumed)
+    token_file.unlink()
+    with pytest.raises(ConfigError, match=r"rewards\.remote_token_file: cannot read"):
+        RemoteVerifier.from_config(resumed)
