@@ -8,7 +8,7 @@ import pytest
 
 from cluster.metrics import read_metrics
 from cluster.records import Completion, Prompt, ScoredGroup
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import REPO, duet_cmd
 
 
 def _group(index: int, version: int, rewards: list[float]) -> ScoredGroup:

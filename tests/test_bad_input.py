@@ -9,7 +9,7 @@ import pytest
 
 from cluster.cli import main
 from cluster.config import ConfigError, load_config
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import REPO, duet_cmd
 
 
 def _fails(capsys, *argv: str) -> str:
@@ -71,6 +71,7 @@ def test_unknown_preset():
         load_config(preset="3-grpo")
 
 
+@pytest.mark.integration  # a `duet` subprocess
 def test_dry_run_prints_plan():
     out = subprocess.run(
         duet_cmd("train", "--dry-run", "rollout.num_engines=2"),

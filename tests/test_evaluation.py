@@ -19,7 +19,7 @@ from cluster.evaluation import (
     prompts_from_rows,
     summarize,
 )
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import REPO, duet_cmd
 
 
 def test_pass_at_k_hand_computed():

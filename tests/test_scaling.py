@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from cluster.metrics import read_metrics
-from tests.test_faults_resume import start, steps_done, wait_for
+from tests.helpers import start_train, steps_done, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_scale_one_two_one_with_control_api(tmp_path, model_cache, tiny_model):
     run = tmp_path / "run"
     steps, per_step = 30, 16
-    p = start(
+    p = start_train(
         run,
         f"train.steps={steps}",
         f"data.synthetic_problems={steps * per_step}",

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from cluster.metrics import read_metrics
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import REPO, duet_cmd
 
 pytestmark = pytest.mark.integration
 

