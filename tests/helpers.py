@@ -53,6 +53,15 @@ def duet_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "cluster.cli", *args]
 
 
+def run_duet(
+    *args: str, timeout_s: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`duet ...` run to the end from the repository root; output captured as text."""
+    return subprocess.run(
+        duet_cmd(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct loopback ports that were free a moment ago (all bound at once, so no repeats)."""
     with contextlib.ExitStack() as stack:

@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from cluster.metrics import read_metrics
-from tests.helpers import REPO, duet_cmd, start_train, steps_done, wait_for
+from tests.helpers import run_duet, start_train, steps_done, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,9 +36,7 @@ def test_resume_after_kill_matches_straight_run(tmp_path, model_cache, tiny_mode
         lambda: (killed / "checkpoints" / "step_000002" / "driver_state.json").exists(), what="checkpoint 2"
     )
     kill_group(p)  # SIGKILL: no clean shutdown, whatever step it was in
-    r = subprocess.run(
-        duet_cmd("train", "--resume", str(killed)), cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    r = run_duet("train", "--resume", str(killed))
     assert r.returncode == 0, r.stderr[-3000:]
 
     a, b = read_metrics(straight), read_metrics(killed)
@@ -102,8 +100,6 @@ def test_dead_learner_stops_with_checkpoint_then_resumes(tmp_path, model_cache, 
     _, err = p.communicate(timeout=300)
     assert p.returncode == 1
     assert "learner rank died" in err and "last checkpoint:" in err and f"--resume {run}" in err
-    r = subprocess.run(
-        duet_cmd("train", "--resume", str(run)), cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    r = run_duet("train", "--resume", str(run))
     assert r.returncode == 0, r.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 9))

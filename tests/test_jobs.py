@@ -19,7 +19,7 @@ import yaml
 from cluster.config import load_config
 from cluster.jobs import REPO_ROOT, runtime_env, train_args
 from cluster.metrics import read_metrics
-from tests.helpers import REPO, duet_cmd, free_ports, integration_fixture
+from tests.helpers import free_ports, integration_fixture, run_duet
 
 
 def _kill_ours(proc: subprocess.Popen, token: str) -> None:
@@ -92,7 +92,7 @@ def ray_head():
 
 
 def _duet(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(duet_cmd(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_duet(*args, timeout_s=timeout, env=env)
 
 
 @pytest.mark.integration
