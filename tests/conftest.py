@@ -20,9 +20,11 @@ import importlib.abc
 import importlib.util
 import multiprocessing.process
 import os
+import platform
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from types import ModuleType
 
@@ -73,7 +75,9 @@ def _refuse(what: str) -> None:
         "marked integration: use a fixture made with tests.helpers.integration_fixture, or "
         "@pytest.mark.integration / a module-level pytestmark."
     )
-    _violations.append(message)
+    # The call site goes with the record: the code under test may catch the error and lose its traceback.
+    where = "".join(traceback.format_stack(limit=12)[:-1])
+    _violations.append(f"{message}\nCalled from:\n{where}")
     raise FastTierViolation(message)
 
 
@@ -107,6 +111,11 @@ class _GuardRayOnImport(importlib.abc.MetaPathFinder):
 
 
 def _install_guards() -> None:
+    # The standard library answers platform.platform()/processor() by running `uname -p` once and
+    # caching it; libraries ask at import (mlflow's telemetry, through transformers). Ask first, so that
+    # probe is not taken for a test starting a process.
+    platform.processor()
+
     def execute_child(self: subprocess.Popen, args: object, *rest: object, **kw: object) -> None:
         _refuse(f"subprocess.Popen({args!r})")
 
