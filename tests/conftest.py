@@ -180,6 +180,8 @@ def tiny_model(model_cache) -> Path:
 def local_ray():
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # address="local": a Ray of its own, even while someone's `ray start` head runs on this machine
+    # (without it ray.init() joins that cluster and refuses num_cpus).
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -28,7 +28,9 @@ NAP = VerifyItem("", "", "custom", "naps")  # takes 0.25 s and scores 1: makes a
 
 @integration_fixture(scope="module")
 def ray_cluster() -> None:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False
+    )  # never someone else's
     yield
     ray.shutdown()
 

@@ -31,7 +31,9 @@ def test_telemetry_exports_to_prometheus():
     import ray
 
     port = free_port()
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
+    ray.init(
+        address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, _metrics_export_port=port
+    )
     try:
         run = "telemetry-test"
         tel = Telemetry(run)
