@@ -76,14 +76,23 @@ def free_port() -> int:
 
 
 def wait_for(
-    cond: Callable[[], T], timeout_s: float = 300.0, what: str = "condition", every_s: float = 0.2
+    cond: Callable[[], T],
+    timeout_s: float = 300.0,
+    what: str = "condition",
+    every_s: float = 0.2,
+    proc: subprocess.Popen | None = None,
 ) -> T:
-    """Poll `cond` until it returns something truthy, and return that; fail naming `what` at the deadline."""
+    """Poll `cond` until it returns something truthy, and return that; fail naming `what` at the deadline,
+    or at once when `proc` (the process that should bring it about) has exited, with its stderr's tail."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = cond()
         if value:
             return value
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            err = err.decode(errors="replace") if isinstance(err, bytes) else err or ""
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}:\n{err[-3000:]}")
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
@@ -118,10 +127,7 @@ def reward_server(
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(
-            lambda: http_ok(f"{url}/healthz") or proc.poll() is not None, start_timeout_s, "the reward server"
-        )
-        assert proc.poll() is None, f"the reward server exited during startup (status {proc.returncode})"
+        wait_for(lambda: http_ok(f"{url}/healthz"), start_timeout_s, "the reward server to answer", proc=proc)
         yield url
     finally:
         stop(proc)

@@ -33,7 +33,9 @@ def test_resume_after_kill_matches_straight_run(tmp_path, model_cache, tiny_mode
 
     p = start_train(killed, "train.steps=4", "checkpoint.every_steps=2", *SMALL, model_cache=model_cache)
     wait_for(
-        lambda: (killed / "checkpoints" / "step_000002" / "driver_state.json").exists(), what="checkpoint 2"
+        lambda: (killed / "checkpoints" / "step_000002" / "driver_state.json").exists(),
+        what="checkpoint 2",
+        proc=p,
     )
     kill_group(p)  # SIGKILL: no clean shutdown, whatever step it was in
     r = run_duet("train", "--resume", str(killed))
@@ -68,7 +70,7 @@ def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_
         *SMALL,
         model_cache=model_cache,
     )
-    wait_for(lambda: steps_done(run) >= 2, what="two steps")
+    wait_for(lambda: steps_done(run) >= 2, what="two steps", proc=p)
     actors = json.loads((run / "actors.json").read_text())
     os.kill(actors["engines"][0]["pid"], signal.SIGKILL)
     os.kill(actors["reward_workers"][0], signal.SIGKILL)
@@ -95,7 +97,7 @@ def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_
 def test_dead_learner_stops_with_checkpoint_then_resumes(tmp_path, model_cache, tiny_model):
     run = tmp_path / "run"
     p = start_train(run, "train.steps=8", "checkpoint.every_steps=1", *SMALL, model_cache=model_cache)
-    wait_for(lambda: steps_done(run) >= 2, what="two steps")
+    wait_for(lambda: steps_done(run) >= 2, what="two steps", proc=p)
     os.kill(json.loads((run / "actors.json").read_text())["learner"][0], signal.SIGKILL)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 1

@@ -26,7 +26,9 @@ def test_scale_one_two_one_with_control_api(tmp_path, model_cache, tiny_model):
         model_cache=model_cache,
     )
     control = wait_for(
-        lambda: (run / "control.json").exists() and json.loads((run / "control.json").read_text())
+        lambda: (run / "control.json").exists() and json.loads((run / "control.json").read_text()),
+        what="control.json",
+        proc=p,
     )
     url, auth = control["url"], {"Authorization": f"Bearer {control['token']}"}
     assert httpx.post(f"{url}/pause", timeout=10).status_code == 401  # state changes need the token
@@ -36,6 +38,7 @@ def test_scale_one_two_one_with_control_api(tmp_path, model_cache, tiny_model):
     wait_for(
         lambda: any(m["engines"] == 2 for m in read_metrics(run)) if steps_done(run) else False,
         what="2 engines",
+        proc=p,
     )
     status = httpx.get(f"{url}/status", timeout=10).json()
     assert len(status["engines"]) == 2 and all(
