@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The tests: build the environment if needed, lint, then every test (unit and real-stack integration).
+# `./scripts/test.sh --fast`: the fast tier only, the tests that start no Ray, server or process (about a
+# minute; how tests are marked and guarded is in tests/conftest.py). Other arguments go to pytest as well.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/env.sh

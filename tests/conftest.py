@@ -1,14 +1,164 @@
-"""Shared fixtures: a tiny model built offline once per session, and a local Ray for integration tests."""
+"""Shared fixtures (a tiny model built offline once per session, a local Ray) and the two test tiers.
+
+Tiers. A test is `integration` when it starts Ray, a server or a subprocess. It gets the marker in one
+of three ways, and the first two are the ones to use:
+- it uses, directly or through another fixture, a fixture made with `tests.helpers.integration_fixture`
+  (`local_ray` below, the reward-server, sandbox and control-server fixtures of the test files):
+  `pytest_collection_modifyitems` below marks it, so a new test on such a fixture needs no marker;
+- its module sets `pytestmark = pytest.mark.integration`, or it carries `@pytest.mark.integration`
+  (for tests that start a process in their own body).
+`pytest --fast` (`./scripts/test.sh --fast`) deselects every `integration` test and turns on guards for
+the whole session: `subprocess.Popen` (so `subprocess.run` too), `os.fork`/`os.posix_spawn`/`os.system`,
+`multiprocessing` starts, `ray.init` and `socket.listen` raise `FastTierViolation`. A test that still
+reaches one is mis-marked and fails, even when the code under test catches the error. Without `--fast`
+nothing is guarded and every test runs (what `.ci/run` does).
+"""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import multiprocessing.process
 import os
+import platform
+import socket
+import subprocess
 import sys
+import traceback
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import helpers
+from tests.helpers import INTEGRATION_FIXTURES, integration_fixture
+
+# For branches written before tests/helpers.py existed (`from tests.conftest import REPO, duet_cmd`);
+# new tests import them from tests.helpers. Drop once no branch needs it.
+REPO, duet_cmd = helpers.REPO, helpers.duet_cmd
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fast",
+        action="store_true",
+        default=False,
+        help="the fast tier: leave out `integration` tests; starting Ray, a server or a process raises",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` filters, so `-m "not integration"` sees these markers too
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+    if config.getoption("fast"):
+        dropped = [item for item in items if item.get_closest_marker("integration")]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if not item.get_closest_marker("integration")]
+
+
+# ---------------------------------------------------------------- the fast tier's guards
+
+
+class FastTierViolation(RuntimeError):
+    """Raised when a test in the fast tier starts Ray, a server or a process."""
+
+
+_violations: list[str] = []
+
+
+def _refuse(what: str) -> None:
+    message = (
+        f"{what} in the fast tier (--fast). A test that starts Ray, a server or a subprocess must be "
+        "marked integration: use a fixture made with tests.helpers.integration_fixture, or "
+        "@pytest.mark.integration / a module-level pytestmark."
+    )
+    # The call site goes with the record: the code under test may catch the error and lose its traceback.
+    where = "".join(traceback.format_stack(limit=12)[:-1])
+    _violations.append(f"{message}\nCalled from:\n{where}")
+    raise FastTierViolation(message)
+
+
+def _guard_ray(ray: ModuleType) -> None:
+    def init(*args: object, **kwargs: object) -> None:
+        _refuse("ray.init()")
+
+    ray.init = init
+
+
+class _GuardRayOnImport(importlib.abc.MetaPathFinder):
+    """Guards `ray.init` when `ray` is first imported: importing Ray up front would cost every run seconds."""
+
+    def find_spec(
+        self, name: str, path: object, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if name != "ray":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("ray")
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_guard(module: ModuleType) -> None:
+            exec_module(module)
+            _guard_ray(module)
+
+        spec.loader.exec_module = exec_and_guard
+        return spec
+
+
+def _install_guards() -> None:
+    # The standard library answers platform.platform()/processor() by running `uname -p` once and
+    # caching it; libraries ask at import (mlflow's telemetry, through transformers). Ask first, so that
+    # probe is not taken for a test starting a process.
+    platform.processor()
+
+    def execute_child(self: subprocess.Popen, args: object, *rest: object, **kw: object) -> None:
+        _refuse(f"subprocess.Popen({args!r})")
+
+    def forbidden(name: str):
+        def refuse(*args: object, **kwargs: object) -> None:
+            _refuse(f"{name}{args!r}")
+
+        return refuse
+
+    def listen(self: socket.socket, *args: object) -> None:
+        _refuse(f"socket.listen() on {self.getsockname()!r}")
+
+    subprocess.Popen._execute_child = execute_child
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system"):
+        if hasattr(os, name):
+            setattr(os, name, forbidden(f"os.{name}"))
+    multiprocessing.process.BaseProcess.start = forbidden("multiprocessing.Process.start")
+    socket.socket.listen = listen
+    if "ray" in sys.modules:
+        _guard_ray(sys.modules["ray"])
+    else:
+        sys.meta_path.insert(0, _GuardRayOnImport())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("fast"):
+        _install_guards()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    """A guard hit fails the test even when the code under test caught the error (a sandbox that
+    reports "could not start", a client that retries): mis-marking must never pass quietly."""
+    report = yield
+    if _violations:
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = "\n".join(_violations)
+        _violations.clear()
+    return report
+
+
+# ---------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="session")
@@ -26,15 +176,12 @@ def tiny_model(model_cache) -> Path:
     return ensure_tiny_model(model_cache, cfg.model.warm_start_steps, cfg.data.synthetic_max_operand, seed=0)
 
 
-@pytest.fixture(scope="module")
+@integration_fixture(scope="module")
 def local_ray():
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # address="local": a Ray of its own, even while someone's `ray start` head runs on this machine
+    # (without it ray.init() joins that cluster and refuses num_cpus).
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-def duet_cmd(*args: str) -> list[str]:
-    """`duet ...` through the interpreter running the tests (works without the console script on PATH)."""
-    return [sys.executable, "-m", "cluster.cli", *args]

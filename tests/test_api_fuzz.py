@@ -27,7 +27,8 @@ from cluster.config import RewardsConfig
 from cluster.control import MAX_BODY_BYTES, ControlServer
 from cluster.control import make_app as make_control_app
 from rewards.server import make_app as make_reward_app
-from tests.test_reward_server import ROOT, free_port
+from tests.helpers import REPO as ROOT
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 

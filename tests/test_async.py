@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from cluster.metrics import read_metrics
 from cluster.records import Completion, Prompt, ScoredGroup
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import run_duet
 
 
 def _group(index: int, version: int, rewards: list[float]) -> ScoredGroup:
@@ -45,22 +43,16 @@ def test_replay_queue_staleness_ties_and_backpressure(local_ray):
 @pytest.mark.integration
 def test_async_run_bounded_staleness(tmp_path, model_cache, tiny_model):
     run = tmp_path / "run"
-    proc = subprocess.run(
-        duet_cmd(
-            "train",
-            "--run-dir",
-            str(run),
-            "train.steps=6",
-            "train.max_staleness_versions=1",
-            "train.check_weights_every_steps=1",
-            "rollout.prompts_per_step=16",
-            f"model.cache_dir={model_cache}",
-            "run.progress=false",
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_duet(
+        "train",
+        "--run-dir",
+        str(run),
+        "train.steps=6",
+        "train.max_staleness_versions=1",
+        "train.check_weights_every_steps=1",
+        "rollout.prompts_per_step=16",
+        f"model.cache_dir={model_cache}",
+        "run.progress=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(run)

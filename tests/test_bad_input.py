@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
 from cluster.cli import main
 from cluster.config import ConfigError, load_config
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import REPO, run_duet
 
 
 def _fails(capsys, *argv: str) -> str:
@@ -71,14 +70,11 @@ def test_unknown_preset():
         load_config(preset="3-grpo")
 
 
+@pytest.mark.integration  # a `duet` subprocess
 def test_dry_run_prints_plan():
-    out = subprocess.run(
-        duet_cmd("train", "--dry-run", "rollout.num_engines=2"),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    proc = run_duet("train", "--dry-run", "rollout.num_engines=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     assert "RolloutEngine 1" in out and "LearnerWorker rank 0" in out
 
 

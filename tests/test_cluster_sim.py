@@ -16,7 +16,7 @@ import pytest
 
 from cluster.metrics import read_metrics
 from tests.cluster_sim import netns_available, sim_cluster
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import REPO, duet_cmd
 
 pytestmark = [
     pytest.mark.integration,

@@ -14,6 +14,7 @@ import pytest
 
 from cluster.cli import main as duet
 from cluster.control import ControlServer, status_main, write_control_file
+from tests.helpers import integration_fixture
 
 TOKEN = "s3cret-token"
 
@@ -49,8 +50,8 @@ class Recorder:
         return {"accepted": True, "request_id": len(self.calls)}
 
 
-@pytest.fixture(scope="module")
-def served():
+@integration_fixture(scope="module")
+def served():  # a real uvicorn listening on loopback
     controller = Recorder()
     server = ControlServer(controller, "127.0.0.1", 0, TOKEN)
     url = server.start()

@@ -49,6 +49,7 @@ def _image_name(ref: str) -> str:
     return ref.rsplit("/", 1)[-1]
 
 
+@pytest.mark.integration  # runs hadolint as a subprocess
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_is_hadolint_clean(dockerfile: Path) -> None:
     binary = _hadolint()

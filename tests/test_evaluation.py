@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
@@ -19,7 +18,7 @@ from cluster.evaluation import (
     prompts_from_rows,
     summarize,
 )
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import run_duet
 
 
 def test_pass_at_k_hand_computed():
@@ -138,22 +137,17 @@ def test_duet_eval_on_tiny_model(tmp_path, tiny_model):
         "".join(json.dumps({"problem": p, "answer": a, "source": s}) + "\n" for p, a, s in problems)
     )
     out = tmp_path / "eval.json"
-    proc = subprocess.run(
-        duet_cmd(
-            "eval",
-            "--model",
-            str(tiny_model),
-            "--dataset",
-            str(data),
-            "--out",
-            str(out),
-            "eval.samples_per_prompt=4",
-            "rewards.num_workers=1",
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_duet(
+        "eval",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(data),
+        "--out",
+        str(out),
+        "eval.samples_per_prompt=4",
+        "rewards.num_workers=1",
+        timeout_s=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())

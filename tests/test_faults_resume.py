@@ -9,46 +9,16 @@ import json
 import os
 import signal
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from cluster.metrics import read_metrics
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import run_duet, start_train, steps_done, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SMALL = ["rollout.prompts_per_step=16", "run.progress=false"]
-
-
-def start(run_dir: Path, *args: str, model_cache: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        duet_cmd("train", "--run-dir", str(run_dir), f"model.cache_dir={model_cache}", *args),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group: killing it takes its local Ray along
-    )
-
-
-def wait_for(cond, timeout_s: float = 300.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def steps_done(run_dir: Path) -> int:
-    try:
-        return len(read_metrics(run_dir))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -58,17 +28,17 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def test_resume_after_kill_matches_straight_run(tmp_path, model_cache, tiny_model):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    p = start(straight, "train.steps=4", *SMALL, model_cache=model_cache)
+    p = start_train(straight, "train.steps=4", *SMALL, model_cache=model_cache)
     assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
 
-    p = start(killed, "train.steps=4", "checkpoint.every_steps=2", *SMALL, model_cache=model_cache)
+    p = start_train(killed, "train.steps=4", "checkpoint.every_steps=2", *SMALL, model_cache=model_cache)
     wait_for(
-        lambda: (killed / "checkpoints" / "step_000002" / "driver_state.json").exists(), what="checkpoint 2"
+        lambda: (killed / "checkpoints" / "step_000002" / "driver_state.json").exists(),
+        what="checkpoint 2",
+        proc=p,
     )
     kill_group(p)  # SIGKILL: no clean shutdown, whatever step it was in
-    r = subprocess.run(
-        duet_cmd("train", "--resume", str(killed)), cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    r = run_duet("train", "--resume", str(killed))
     assert r.returncode == 0, r.stderr[-3000:]
 
     a, b = read_metrics(straight), read_metrics(killed)
@@ -88,7 +58,7 @@ def test_resume_after_kill_matches_straight_run(tmp_path, model_cache, tiny_mode
 def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_model):
     run = tmp_path / "run"
     steps, per_step = 12, 16
-    p = start(
+    p = start_train(
         run,
         f"train.steps={steps}",
         "rollout.num_engines=2",
@@ -101,7 +71,7 @@ def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_
         *SMALL,
         model_cache=model_cache,
     )
-    wait_for(lambda: steps_done(run) >= 2, what="two steps")
+    wait_for(lambda: steps_done(run) >= 2, what="two steps", proc=p)
     actors = json.loads((run / "actors.json").read_text())
     os.kill(actors["engines"][0]["pid"], signal.SIGKILL)
     os.kill(actors["reward_workers"][0], signal.SIGKILL)
@@ -127,14 +97,12 @@ def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_
 
 def test_dead_learner_stops_with_checkpoint_then_resumes(tmp_path, model_cache, tiny_model):
     run = tmp_path / "run"
-    p = start(run, "train.steps=8", "checkpoint.every_steps=1", *SMALL, model_cache=model_cache)
-    wait_for(lambda: steps_done(run) >= 2, what="two steps")
+    p = start_train(run, "train.steps=8", "checkpoint.every_steps=1", *SMALL, model_cache=model_cache)
+    wait_for(lambda: steps_done(run) >= 2, what="two steps", proc=p)
     os.kill(json.loads((run / "actors.json").read_text())["learner"][0], signal.SIGKILL)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 1
     assert "learner rank died" in err and "last checkpoint:" in err and f"--resume {run}" in err
-    r = subprocess.run(
-        duet_cmd("train", "--resume", str(run)), cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    r = run_duet("train", "--resume", str(run))
     assert r.returncode == 0, r.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 9))

@@ -6,7 +6,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,17 +19,7 @@ import yaml
 from cluster.config import load_config
 from cluster.jobs import REPO_ROOT, runtime_env, train_args
 from cluster.metrics import read_metrics
-from tests.conftest import REPO, duet_cmd
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from tests.helpers import free_ports, integration_fixture, run_duet
 
 
 def _kill_ours(proc: subprocess.Popen, token: str) -> None:
@@ -57,12 +46,12 @@ def _kill_ours(proc: subprocess.Popen, token: str) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
+@integration_fixture(scope="module")
 def ray_head():
     # A short temp dir of its own: Ray's socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="duet-ray-", dir="/tmp")
     token = secrets.token_hex(32)
-    gcs, dash, client, agent, agent_grpc, metrics, renv, node, objm = _free_ports(9)
+    gcs, dash, client, agent, agent_grpc, metrics, renv, node, objm = free_ports(9)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # The job's `python` is the head's PATH's: put this interpreter first. The token reaches the head,
     # its job drivers and the clients through the environment; ~/.ray/auth_token is left alone.
@@ -103,7 +92,7 @@ def ray_head():
 
 
 def _duet(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(duet_cmd(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_duet(*args, timeout_s=timeout, env=env)
 
 
 @pytest.mark.integration

@@ -15,7 +15,7 @@ from cluster.config import load_config
 from cluster.placement import make_plan
 from cluster.preflight import Node, shortfalls
 from tests.cluster_sim import netns_available, sim_cluster
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import REPO, duet_cmd
 
 GPU_NODE = {"CPU": 32.0, "GPU": 8.0}
 

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from learner.smollm2 import first_number_is_answer
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import REPO, duet_cmd
 
 
 def test_first_number_is_answer():

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -21,15 +19,14 @@ import ray
 from cluster.config import RewardsConfig
 from cluster.records import VerifyItem, VerifyResult
 from rewards.pool import RewardPool
+from tests.helpers import CUSTOM_DISPATCH, integration_fixture, reward_server
 
 TIMEOUT_S = 2.0  # wall-clock limit: a margin for a 2-core machine loaded by other jobs
 SLOW = "\\boxed{" + "(" * 60 + "1" + ")" * 60 + "}"  # math-verify needs far more than TIMEOUT_S
-# One custom verifier whose behaviour is chosen by the item's prompt (see tests/test_verifiers.py).
-CUSTOM = "tests.test_verifiers:custom_dispatch"
 NAP = VerifyItem("", "", "custom", "naps")  # takes 0.25 s and scores 1: makes a batch last, CPU-free
 
 
-@pytest.fixture(scope="module")
+@integration_fixture(scope="module")
 def ray_cluster() -> None:
     # address="local": a new cluster of our own, even when another Ray runs on this machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -37,46 +34,22 @@ def ray_cluster() -> None:
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def reward_server() -> str:
+@integration_fixture(scope="module")
+def reward_server_url() -> str:
     """A real `python -m rewards.server` on a loopback port, for the pool's `remote` items."""
-    from tests.test_reward_server import ROOT, free_port
-
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "rewards.server", "--port", str(port), "--workers", "1", "--token", "t0k"],
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while not _healthy(url):
-            assert server.poll() is None and time.monotonic() < deadline, "reward server did not start"
-            time.sleep(0.2)
+    with reward_server("--workers", "1", "--token", "t0k") as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=15)
-
-
-def _healthy(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
-def pool(ray_cluster: None, reward_server: str, tmp_path_factory: pytest.TempPathFactory) -> RewardPool:
+def pool(ray_cluster: None, reward_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> RewardPool:
     token_file = tmp_path_factory.mktemp("secrets") / "reward.token"
     token_file.write_text("t0k\n")
     cfg = RewardsConfig(
         num_workers=2,
         timeout_s=TIMEOUT_S,
-        custom_function=CUSTOM,
-        remote_url=reward_server,
+        custom_function=CUSTOM_DISPATCH,  # behaviour chosen by the item's prompt
+        remote_url=reward_server_url,
         remote_token_file=str(token_file),
     )
     p = RewardPool(cfg)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,49 +15,29 @@ import pytest
 from cluster.records import VerifyItem
 from rewards.remote import RemoteVerifier
 from rewards.server import is_loopback, serve_reward_main
+from tests.helpers import free_port, integration_fixture, reward_server
 
 TOKEN = "test-token-123"
 MAX_BODY = 256 * 1024
 MAX_ITEMS = 64
-ROOT = Path(__file__).resolve().parents[1]
 SLOW = "\\boxed{" + "(" * 60 + "1" + ")" * 60 + "}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
+@integration_fixture(scope="module")
 def server() -> str:
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "rewards.server", "--port", str(port), "--workers", "2",
-        "--timeout-s", "1", "--max-body-bytes", str(MAX_BODY), "--max-items", str(MAX_ITEMS),
-    ]  # fmt: skip
+    args = [
+        "--workers",
+        "2",
+        "--timeout-s",
+        "1",
+        "--max-body-bytes",
+        str(MAX_BODY),
+        "--max-items",
+        str(MAX_ITEMS),
+    ]
     env = dict(os.environ, DUET_REWARD_TOKEN=TOKEN)  # the token from the environment, not argv
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "the server exited during startup"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.2)
+    with reward_server(*args, env=env, start_timeout_s=60) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def post(url: str, body: object, token: str | None = TOKEN, **kw: object) -> httpx.Response:

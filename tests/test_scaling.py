@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from cluster.metrics import read_metrics
-from tests.test_faults_resume import start, steps_done, wait_for
+from tests.helpers import start_train, steps_done, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_scale_one_two_one_with_control_api(tmp_path, model_cache, tiny_model):
     run = tmp_path / "run"
     steps, per_step = 30, 16
-    p = start(
+    p = start_train(
         run,
         f"train.steps={steps}",
         "train.check_weights_every_steps=1",
@@ -27,7 +27,9 @@ def test_scale_one_two_one_with_control_api(tmp_path, model_cache, tiny_model):
         model_cache=model_cache,
     )
     control = wait_for(
-        lambda: (run / "control.json").exists() and json.loads((run / "control.json").read_text())
+        lambda: (run / "control.json").exists() and json.loads((run / "control.json").read_text()),
+        what="control.json",
+        proc=p,
     )
     url, auth = control["url"], {"Authorization": f"Bearer {control['token']}"}
     assert httpx.post(f"{url}/pause", timeout=10).status_code == 401  # state changes need the token
@@ -37,6 +39,7 @@ def test_scale_one_two_one_with_control_api(tmp_path, model_cache, tiny_model):
     wait_for(
         lambda: any(m["engines"] == 2 for m in read_metrics(run)) if steps_done(run) else False,
         what="2 engines",
+        proc=p,
     )
     status = httpx.get(f"{url}/status", timeout=10).json()
     assert len(status["engines"]) == 2 and all(

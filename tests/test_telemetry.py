@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import re
-import socket
 import time
 
 import httpx
 import pytest
 
 from cluster.telemetry import Telemetry
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _samples(text: str, run: str) -> dict[str, float]:
@@ -36,8 +30,10 @@ def _samples(text: str, run: str) -> dict[str, float]:
 def test_telemetry_exports_to_prometheus():
     import ray
 
-    port = _free_port()
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
+    port = free_port()
+    ray.init(
+        address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, _metrics_export_port=port
+    )
     try:
         run = "telemetry-test"
         tel = Telemetry(run)

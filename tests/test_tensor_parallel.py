@@ -40,7 +40,7 @@ def test_two_engines_of_two_workers_receive_the_weights(local_ray, tiny_model):
 
     from cluster.fleet import RolloutFleet
     from learner.group import LearnerGroup
-    from tests.test_weight_sync import assert_samples_from
+    from tests.helpers import assert_samples_from
 
     path = str(tiny_model)
     cfg = load_config(

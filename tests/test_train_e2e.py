@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
 from cluster.metrics import read_metrics
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import run_duet
 
 pytestmark = pytest.mark.integration
 
 
 def test_duet_train_default_three_steps(tmp_path, model_cache, tiny_model):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        duet_cmd("train", "--run-dir", str(run_dir), "train.steps=3", f"model.cache_dir={model_cache}"),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_duet("train", "--run-dir", str(run_dir), "train.steps=3", f"model.cache_dir={model_cache}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3]
@@ -62,21 +55,15 @@ def test_duet_train_default_three_steps(tmp_path, model_cache, tiny_model):
         )
     )
     out = tmp_path / "eval.json"
-    proc = subprocess.run(
-        duet_cmd(
-            "eval",
-            "--model",
-            str(final / "hf"),
-            "--dataset",
-            str(data),
-            "--out",
-            str(out),
-            "eval.samples_per_prompt=4",
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_duet(
+        "eval",
+        "--model",
+        str(final / "hf"),
+        "--dataset",
+        str(data),
+        "--out",
+        str(out),
+        "eval.samples_per_prompt=4",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     overall = json.loads(out.read_text())["overall"]

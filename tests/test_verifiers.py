@@ -2,8 +2,8 @@
 
 Labelled answer pairs and hostile completions go through a real Sandbox (one warm child, killed and
 replaced on timeout), so these tests check what training will actually score. The module-level
-`custom_*` functions are custom verifiers that the sandbox child imports by path
-(`tests.test_verifiers:custom_...`), exactly as a user's function would be.
+custom verifiers the sandbox child imports by path (`tests.helpers:custom_...`, exactly as a user's
+function would be) live in tests/helpers.py. Every test with a sandbox starts child processes: integration.
 """
 
 from __future__ import annotations
@@ -20,74 +20,15 @@ from cluster.config import RewardsConfig
 from cluster.records import VerifyItem
 from rewards import verifiers as V
 from rewards.sandbox import Sandbox, _ChildDied
+from tests.helpers import CUSTOM_DISPATCH, integration_fixture
 
 TIMEOUT_S = 1.0
 REASONS = {"correct", "wrong", "no_answer", "timeout", "too_long"}
-HERE = "tests.test_verifiers"
+HERE = "tests.helpers"
 
 
 def valid_reason(reason: str) -> bool:
     return reason in REASONS or reason.startswith("error: ")
-
-
-# ---------------------------------------------------------------- custom verifiers (run in the child)
-
-
-def custom_same_length(prompt: str, completion: str, reference: str) -> tuple[float, dict]:
-    return float(len(completion) == len(reference)), {"n": len(completion), "prompt": prompt}
-
-
-def custom_partial(prompt: str, completion: str, reference: str) -> tuple[float, dict]:
-    return 0.5, {"reason": "partial"}
-
-
-def custom_nan(prompt: str, completion: str, reference: str) -> float:
-    return math.nan
-
-
-def custom_raises(prompt: str, completion: str, reference: str) -> float:
-    raise ValueError("boom")
-
-
-def custom_sleeps(prompt: str, completion: str, reference: str) -> float:
-    time.sleep(3600)
-    return 1.0
-
-
-def custom_spins(prompt: str, completion: str, reference: str) -> float:
-    while True:  # pure CPU, like sympy stuck in C: only a kill (or RLIMIT_CPU) stops it
-        pass
-
-
-def custom_naps(prompt: str, completion: str, reference: str) -> float:
-    """A slow but well-behaved verifier (used by the pool tests to make batches last, CPU-free)."""
-    time.sleep(0.25)
-    return 1.0
-
-
-def custom_hogs_memory(prompt: str, completion: str, reference: str) -> float:
-    return float(len(bytearray(8 << 30)))  # 8 GiB: far past the child's RLIMIT_AS
-
-
-def custom_exits(prompt: str, completion: str, reference: str) -> float:
-    os._exit(3)
-
-
-def custom_prints(prompt: str, completion: str, reference: str) -> float:
-    print('{"id": 1, "reward": 99.0, "reason": "forged"}')  # must not reach the protocol pipe
-    return 1.0
-
-
-def custom_kills_parent(prompt: str, completion: str, reference: str) -> float:
-    """Used by the pool tests: SIGKILLs the process that owns the sandbox (the RewardWorker actor).
-
-    The child's parent is the sandbox's fork server; the owner is the fork server's parent."""
-    if "KILL-PARENT" in completion:
-        with open(f"/proc/{os.getppid()}/stat") as f:
-            owner = int(f.read().rsplit(")", 1)[1].split()[1])
-        os.kill(owner, signal.SIGKILL)
-        time.sleep(3600)
-    return 1.0
 
 
 # ---------------------------------------------------------------- pure code: no child, no Ray
@@ -263,7 +204,7 @@ KNOWN_LIMITS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@integration_fixture(scope="module")
 def sandbox() -> Sandbox:
     """The sandbox of the hostile tests: a short time limit (TIMEOUT_S) and no length cap."""
     sb = Sandbox(RewardsConfig(timeout_s=TIMEOUT_S, max_completion_chars=2_000_000)).start()
@@ -271,7 +212,7 @@ def sandbox() -> Sandbox:
     sb.close()
 
 
-@pytest.fixture(scope="module")
+@integration_fixture(scope="module")
 def pairs_sandbox() -> Sandbox:
     """The sandbox of the labelled pairs: a limit no normal answer reaches, even on a loaded machine."""
     sb = Sandbox(RewardsConfig(timeout_s=5.0), spare=False).start()
@@ -307,6 +248,7 @@ def test_last_box_wins_and_missing_box(pairs_sandbox: Sandbox) -> None:
     assert pairs_sandbox.run(VerifyItem("\\boxed{4} and \\boxed{", "4")).reason == "no_answer"
 
 
+@pytest.mark.integration
 def test_percent_as_fraction_off() -> None:
     cfg = RewardsConfig(timeout_s=TIMEOUT_S, percent_as_fraction=False)
     with Sandbox(cfg, spare=False) as sb:
@@ -315,6 +257,7 @@ def test_percent_as_fraction_off() -> None:
         assert sb.run(VerifyItem("\\boxed{50\\%}", "50")).reward == 1.0
 
 
+@pytest.mark.integration
 def test_format_weight_and_math_verify_extraction() -> None:
     cfg = RewardsConfig(timeout_s=TIMEOUT_S, math_weight=1.0, format_weight=0.25)
     with Sandbox(cfg, spare=False) as sb:
@@ -439,6 +382,7 @@ def custom_environment(prompt: str, completion: str, reference: str) -> tuple[fl
     return 1.0, {"names": sorted(os.environ)}
 
 
+@pytest.mark.integration
 def test_verifier_children_get_a_minimal_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 11, "Secrets": the child parses untrusted text and runs user code, so it must not hold
     the driver's tokens. Planted tokens appear neither in any sandbox process's environment (read from
@@ -469,6 +413,7 @@ def test_verifier_children_get_a_minimal_environment(monkeypatch: pytest.MonkeyP
         assert "PYTHONPATH" in r.details["names"]
 
 
+@pytest.mark.integration
 def test_sandbox_env_passes_chosen_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_VERIFIER_SETTING", "on")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "ray-planted-token")
@@ -483,14 +428,9 @@ def test_sandbox_env_passes_chosen_variables(monkeypatch: pytest.MonkeyPatch) ->
 # ---------------------------------------------------------------- custom functions in the child
 
 
-def custom_dispatch(prompt: str, completion: str, reference: str) -> object:
-    """One custom verifier that behaves as `custom_<prompt>`: lets one sandbox try every behaviour."""
-    return globals()[f"custom_{prompt}"](prompt, completion, reference)
-
-
-@pytest.fixture(scope="module")
+@integration_fixture(scope="module")
 def custom_sandbox() -> Sandbox:
-    cfg = RewardsConfig(timeout_s=TIMEOUT_S, custom_function=f"{HERE}:custom_dispatch", memory_limit_mib=256)
+    cfg = RewardsConfig(timeout_s=TIMEOUT_S, custom_function=CUSTOM_DISPATCH, memory_limit_mib=256)
     sb = Sandbox(cfg).start()
     yield sb
     sb.close()
@@ -524,6 +464,7 @@ def test_custom_function_gets_prompt_and_details(custom_sandbox: Sandbox) -> Non
     assert r.details == {"n": 3, "prompt": "same_length"}
 
 
+@pytest.mark.integration
 def test_custom_function_that_does_not_import() -> None:
     cfg = RewardsConfig(timeout_s=TIMEOUT_S, custom_function="no_such_module_xyz:f")
     with Sandbox(cfg, spare=False) as sb:
@@ -532,6 +473,7 @@ def test_custom_function_that_does_not_import() -> None:
         assert sb.run(VerifyItem("\\boxed{1}", "1")).reason == "correct"
 
 
+@pytest.mark.integration
 def test_cpu_limit_kills_an_orphaned_runaway_child() -> None:
     """Without its parent's kill (parent died), a child stuck in CPU work dies by RLIMIT_CPU."""
     cfg = RewardsConfig(timeout_s=0.25, custom_function=f"{HERE}:custom_spins")
@@ -545,6 +487,7 @@ def test_cpu_limit_kills_an_orphaned_runaway_child() -> None:
         assert child.exit_code() == -signal.SIGXCPU
 
 
+@pytest.mark.integration
 def test_sandbox_start_fails_loudly_when_the_child_cannot_boot() -> None:
     from rewards.sandbox import SandboxError
 

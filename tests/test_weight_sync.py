@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import assert_samples_from, open_sender, start_engine
+
 pytestmark = pytest.mark.integration
 
 
@@ -118,58 +120,6 @@ def test_rebroadcast_into_an_update_that_broke_off(local_ray, tiny_model):
     assert_samples_from(ray, engine, model, version=2, prompts=3)
     sender.shutdown()
     ray.get(engine.shutdown.remote())
-
-
-def assert_samples_from(ray, engine, model, version: int, prompts: int) -> None:
-    """The engine's log-probs of its own samples equal a transformers forward of `model` (within 1e-3),
-    and every sample was generated under `version`."""
-    from cluster.config import SamplingConfig
-    from cluster.records import Prompt
-
-    batch = [Prompt(i, f"{i}+{i + 1}=", str(2 * i + 1)) for i in range(prompts)]
-    sampling = SamplingConfig(temperature=1.0, max_tokens=8)
-    for group in ray.get(engine.generate.remote(batch, 2, sampling)):
-        for c in group:
-            ids = torch.tensor([c.prompt_token_ids + c.token_ids])
-            with torch.no_grad():
-                logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-            p = len(c.prompt_token_ids)
-            hf = torch.tensor([logp[p - 1 + i, t].item() for i, t in enumerate(c.token_ids)])
-            assert c.version_start == c.version_end == version
-            assert torch.allclose(hf, torch.tensor(c.logprobs), atol=1e-3), (hf, c.logprobs)
-
-
-# ---- helpers: a real engine, and the learner's gloo sender in the test process on a HF model ----
-def start_engine(ray, tiny_model, core: str = "0"):
-    from actors.rollout_engine import RolloutEngine
-
-    engine = RolloutEngine.options(
-        runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "1"}},
-        max_concurrency=8,
-    ).remote(0, str(tiny_model))
-    ray.get(engine.ready.remote())
-    return engine
-
-
-def open_sender(model, client, bucket_bytes: int = 1 << 16, timeout_s: float = 60.0):
-    import socket
-
-    from learner.weight_sender import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine, ZeroModuleSource
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    info = GlooTrainerInitInfo(
-        master_address="127.0.0.1",
-        master_port=port,
-        world_size=2,
-        rank=0,
-        bucket_bytes=bucket_bytes,
-        timeout_s=timeout_s,
-    )
-    return GlooTrainerWeightTransferEngine.trainer_init(
-        info, client=client, source=ZeroModuleSource(model, 0)
-    )
 
 
 def perturb_model(model, seed: int) -> None:
