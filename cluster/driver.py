@@ -25,6 +25,7 @@ import ray
 from ray.util.placement_group import placement_group
 
 from actors.replay_queue import ReplayQueue
+from cluster import dashboard
 from cluster.config import Config
 from cluster.control import start_control
 from cluster.data import PromptStream, load_prompts
@@ -34,6 +35,7 @@ from cluster.metrics import MetricsWriter
 from cluster.placement import make_plan, ray_cpus_needed
 from cluster.records import Prompt, ScoredGroup, VerifyItem
 from cluster.telemetry import Telemetry
+from cluster.trackers import TrackerStartError
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
 
@@ -78,8 +80,8 @@ def init_ray(cfg: Config) -> None:
         return
     ray.init(
         num_cpus=max(os.cpu_count() or 1, ray_cpus_needed(cfg)),
-        include_dashboard=False,
         log_to_driver=False,
+        **dashboard.ray_init_options(cfg.run),
     )
 
 
@@ -112,7 +114,10 @@ class Trainer:
     # ---- start-up: placement, actors, the weight-transfer group ----
     def start(self) -> None:
         cfg, plan = self.cfg, self.plan
+        connects_here = not ray.is_initialized()
         init_ray(cfg)
+        if connects_here:  # a Ray someone else set up in this process (tests, benchmarks): not announced
+            dashboard.announce(self.run_dir, cfg.run, local=not os.environ.get("RAY_ADDRESS"))
         self.learner_pg = placement_group(plan.learner_bundles, strategy="PACK")
         ray.get(self.learner_pg.ready())
         self.fleet = RolloutFleet(cfg, plan, self.model_path)
@@ -462,7 +467,10 @@ class Trainer:
     # ---- the run ----
     def run(self) -> Path:
         cfg = self.cfg
-        writer = MetricsWriter(self.run_dir)
+        try:  # trackers start before any actor: a run without the tracking asked for does not start
+            writer = MetricsWriter(self.run_dir, cfg.run.loggers, cfg.run.tracker_project)
+        except TrackerStartError as e:
+            raise RunStopped(str(e)) from e
         self._round = 0
         server = None
         try:
