@@ -57,20 +57,32 @@ def _kill_ours(proc: subprocess.Popen, token: str) -> None:
             pass
 
 
+def _path_without_this_environment() -> str:
+    venv_bin = str(Path(sys.executable).parent)
+    return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+
+
 @pytest.fixture(scope="module")
 def ray_head():
+    # The job's `python` is the head's PATH's: put this interpreter first.
+    yield from _ray_head(f"{Path(sys.executable).parent}{os.pathsep}{_path_without_this_environment()}")
+
+
+@pytest.fixture(scope="module")
+def bare_ray_head():
+    """A head started as `.venv/bin/ray start` from a shell that did not activate the environment."""
+    yield from _ray_head(_path_without_this_environment())
+
+
+def _ray_head(path: str):
     # A short temp dir of its own: Ray's socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="duet-ray-", dir="/tmp")
     token = secrets.token_hex(32)
     gcs, dash, client, agent, agent_grpc, metrics, renv, node, objm = _free_ports(9)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # The job's `python` is the head's PATH's: put this interpreter first. The token reaches the head,
-    # its job drivers and the clients through the environment; ~/.ray/auth_token is left alone.
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=token,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
+    # The token reaches the head, its job drivers and the clients through the environment;
+    # ~/.ray/auth_token is left alone.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=path)
     ray_bin = str(Path(sys.executable).parent / "ray")
     cmd = [
         ray_bin, "start", "--head", "--block", "--disable-usage-stats",
@@ -157,6 +169,47 @@ def test_submit_trains_on_the_cluster_with_auth_on(ray_head, tmp_path, model_cac
     while "STOPPED" not in (out := _duet(env, "status", "--job", job2, "--address", address).stdout):
         assert time.monotonic() < deadline, out
         time.sleep(2)
+
+
+@pytest.mark.integration
+def test_a_job_whose_python_lacks_duet_fails_at_once_and_says_how_to_fix_it(bare_ray_head, tmp_path):
+    address, _, head_env = bare_ray_head
+    # The submitter runs in the environment (duet is installed here); only the head's PATH lacks it.
+    env = dict(head_env, PATH=os.environ["PATH"])
+    proc = _duet(env, "submit", "--address", address, "--run-dir", str(tmp_path / "run"), timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    job_id = proc.stdout.splitlines()[0].strip()
+    assert "duet submit --python" in proc.stdout, proc.stdout  # `duet submit` itself shows the message
+    logs = _duet(env, "logs", job_id, "--address", address).stdout
+    found = shutil.which("python", path=head_env["PATH"])
+    if found is None:  # no `python` at all on that PATH
+        assert "found no Python named 'python' on its PATH" in logs, logs
+    else:
+        assert "this job runs the Python 'python' = " in logs and "which does not have" in logs, logs
+        assert "duet-rl" in logs
+    assert "start the Ray head from the environment where duet-rl is installed" in logs
+    assert "duet submit --python /path/to/.venv/bin/python" in logs
+    assert "Traceback" not in logs and "ModuleNotFoundError" not in logs
+    status = _duet(env, "status", "--job", job_id, "--address", address)
+    assert "FAILED" in status.stdout, status.stdout + status.stderr
+
+    from ray.job_submission import JobSubmissionClient
+
+    auth = {"Authorization": f"Bearer {head_env['RAY_AUTH_TOKEN']}"}
+    info = JobSubmissionClient(address, headers=auth).get_job_info(job_id)
+    ran_s = (info.end_time - info.start_time) / 1000  # from the job's start, upload included
+    print(f"the failing job ran {ran_s:.2f} s")
+    assert ran_s < 10
+
+    # Naming the interpreter: the job passes the check and runs duet's own `train`, which (quickly,
+    # on purpose) stops at a dataset that is not there; the full run is test_submit_trains_...'s.
+    named = _duet(
+        env, "submit", "--address", address, "--python", sys.executable, "--run-dir", str(tmp_path / "run2"),
+        "data.path=/nonexistent/duet-check.jsonl", timeout=300,
+    )  # fmt: skip
+    logs = _duet(env, "logs", named.stdout.splitlines()[0].strip(), "--address", address).stdout
+    assert "which does not have" not in logs, logs
+    assert "duet train: data.path: /nonexistent/duet-check.jsonl does not exist" in logs, logs
 
 
 def test_train_args_carry_an_outside_config_as_overrides(tmp_path):
