@@ -212,6 +212,47 @@ def test_a_job_whose_python_lacks_duet_fails_at_once_and_says_how_to_fix_it(bare
     assert "duet train: data.path: /nonexistent/duet-check.jsonl does not exist" in logs, logs
 
 
+def test_entrypoint_checks_its_python_first(tmp_path):
+    """The entrypoint's own check, without a cluster: an interpreter that lacks duet's packages, and a
+    PATH with no `python` at all."""
+    from cluster.jobs import entrypoint
+
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    python = bare / "python"  # this interpreter with its site-packages and PYTHONPATH switched off
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
+    python.chmod(0o755)
+    command = entrypoint("python", ["train", "train.steps=1"])
+    t0 = time.monotonic()
+    r = subprocess.run(
+        ["/bin/sh", "-c", command],
+        cwd=tmp_path,
+        env={"PATH": f"{bare}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert time.monotonic() - t0 < 5
+    assert r.returncode == 1 and r.stdout == "", r
+    assert f"this job runs the Python 'python' = {sys.executable}" in r.stderr
+    assert "which does not have ray, duet-rl, torch, vllm, deepspeed." in r.stderr
+    assert "duet submit --python /path/to/.venv/bin/python" in r.stderr
+
+    r = subprocess.run(
+        ["/bin/sh", "-c", command],
+        cwd=tmp_path,
+        env={"PATH": str(tmp_path / "none")},
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 127 and "found no Python named 'python' on its PATH" in r.stderr, r
+
+    # The interpreter with everything: the check passes and duet's own `train` runs (and here stops at
+    # a dataset that is not there, which is duet's message, not the check's).
+    command = entrypoint(sys.executable, ["train", "data.path=/nonexistent/x.jsonl"])
+    r = subprocess.run(["/bin/sh", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "duet train: data.path: /nonexistent/x.jsonl does not exist" in r.stderr, r
+
+
 def test_train_args_carry_an_outside_config_as_overrides(tmp_path):
     tree = {
         "preset": "dr-grpo",
