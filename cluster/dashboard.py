@@ -34,9 +34,10 @@ TOKEN_HINT = "`ray get-auth-token` prints the token"
 def ray_init_options(run: RunConfig) -> dict[str, Any]:
     """The dashboard's `ray.init` arguments for a run that starts its own local Ray.
 
-    Sets RAY_AUTH_MODE=token when it is unset (Ray 2.60 does the same for a new local cluster; saying
-    it here keeps the dashboard protected whatever a later Ray's default is). The setting reaches the
-    dashboard and every Ray process through the environment, which is the only place Ray reads it.
+    With RAY_AUTH_MODE unset, Ray 2.60's `ray.init` turns token authentication on for the new cluster
+    (and creates ~/.ray/auth_token if there is none). RAY_AUTH_MODE is not set here: Ray caches its
+    config in the process, and only its own switch refreshes that cache; a variable set behind its back
+    leaves the driver without the token its GCS then demands. `announce` checks the result.
     """
     if not run.dashboard:
         return {"include_dashboard": False}
@@ -50,7 +51,6 @@ def ray_init_options(run: RunConfig) -> dict[str, Any]:
             flush=True,
         )
         return {"include_dashboard": False}
-    os.environ[AUTH_MODE_ENV] = "token"
     return {"include_dashboard": True, "dashboard_host": HOST, "dashboard_port": run.dashboard_port}
 
 
@@ -93,6 +93,13 @@ def announce(run_dir: Path, run: RunConfig, local: bool) -> dict | None:
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
     auth = "token" if is_token_auth_enabled() else "none"
+    if auth != "token":
+        print(
+            f"duet: WARNING: the Ray dashboard at {url} has no token authentication: anyone who can "
+            "reach it can run code through its Jobs API",
+            file=sys.stderr,
+            flush=True,
+        )
     info = {
         "url": url,
         "local": local,

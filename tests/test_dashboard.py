@@ -48,9 +48,11 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-def _wait(cond, timeout_s: float, what: str):
+def _wait(cond, timeout_s: float, what: str, run: subprocess.Popen | None = None):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if run is not None and run.poll() is not None:
+            raise AssertionError(f"the run ended (exit {run.returncode}) while waiting for {what}")
         try:
             value = cond()
         except Exception:  # a page still rendering, a file half written
@@ -101,16 +103,18 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
     )  # fmt: skip
     browser = None
     try:
-        info = _wait(lambda: json.loads((run / "dashboard.json").read_text()), 300, "dashboard.json")
+        info = _wait(
+            lambda: json.loads((run / "dashboard.json", proc).read_text()), 300, "dashboard.json", proc
+        )
         assert info["local"] and info["auth"] == "token" and info["url"].startswith("http://127.0.0.1:")
-        assert token not in (run / "dashboard.json").read_text()  # where the token is, never the token
+        assert token not in (run / "dashboard.json", proc).read_text()  # where the token is, never the token
         url = info["url"]
         assert httpx.get(f"{url}/api/jobs/", timeout=10).status_code == 401  # the token guards it
 
         # Hold the run between steps so that every actor is alive while the browser looks.
-        control = _wait(lambda: json.loads((run / "control.json").read_text()), 300, "control.json")
+        control = _wait(lambda: json.loads((run / "control.json").read_text()), 300, "control.json", proc)
         auth = {"Authorization": f"Bearer {control['token']}"}
-        _wait(lambda: read_metrics(run), 600, "step 1")
+        _wait(lambda: read_metrics(run), 600, "step 1", proc)
         assert httpx.post(f"{control['url']}/pause", headers=auth, timeout=10).status_code == 200
 
         browser = _browser()
