@@ -103,11 +103,9 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
     )  # fmt: skip
     browser = None
     try:
-        info = _wait(
-            lambda: json.loads((run / "dashboard.json", proc).read_text()), 300, "dashboard.json", proc
-        )
+        info = _wait(lambda: json.loads((run / "dashboard.json").read_text()), 300, "dashboard.json", proc)
         assert info["local"] and info["auth"] == "token" and info["url"].startswith("http://127.0.0.1:")
-        assert token not in (run / "dashboard.json", proc).read_text()  # where the token is, never the token
+        assert token not in (run / "dashboard.json").read_text()  # where the token is, never the token
         url = info["url"]
         assert httpx.get(f"{url}/api/jobs/", timeout=10).status_code == 401  # the token guards it
 
