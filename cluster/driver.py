@@ -79,6 +79,9 @@ def init_ray(cfg: Config) -> None:
         ray.init(log_to_driver=False)
         return
     ray.init(
+        # "local": a new Ray even when a `ray start` cluster runs on this machine (address=None would
+        # join that one, and then refuse num_cpus)
+        address="local",
         num_cpus=max(os.cpu_count() or 1, ray_cpus_needed(cfg)),
         log_to_driver=False,
         **dashboard.ray_init_options(cfg.run),

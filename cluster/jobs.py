@@ -137,6 +137,7 @@ def train_args(
 def runtime_env(upload: bool, extra_env: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES) and "TOKEN" not in k}
     env["PYTHONUNBUFFERED"] = "1"  # progress lines reach `duet logs` as they are printed
+    env[PYTHON_CHECK_ENV] = _PYTHON_CHECK  # run by the entrypoint's first command
     env.update(extra_env)
     renv: dict = {"env_vars": env}
     if upload:
@@ -169,6 +170,9 @@ if missing:
 """
 
 
+PYTHON_CHECK_ENV = "DUET_PYTHON_CHECK"
+
+
 def entrypoint(python: str, argv_train: list[str]) -> str:
     """The job's shell command: find `python`, check it has what the run needs, then train with it."""
     py = shlex.quote(python)
@@ -177,10 +181,11 @@ def entrypoint(python: str, argv_train: list[str]) -> str:
         "environment where duet-rl is installed, or name its interpreter: duet submit --python "
         "/path/to/.venv/bin/python ..."
     )
+    # The check's code travels in the runtime env (PYTHON_CHECK_ENV), so the job's log, which starts
+    # with the entrypoint, shows one readable line.
     return (
         f"command -v {py} >/dev/null 2>&1 || {{ echo {no_python} >&2; exit 127; }}; "
-        f"{py} -c {shlex.quote(_PYTHON_CHECK)} {py} && "
-        + shlex.join([python, "-m", "cluster.cli", *argv_train])
+        f'{py} -c "${PYTHON_CHECK_ENV}" {py} && ' + shlex.join([python, "-m", "cluster.cli", *argv_train])
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -185,8 +186,11 @@ def test_a_job_whose_python_lacks_duet_fails_at_once_and_says_how_to_fix_it(bare
     if found is None:  # no `python` at all on that PATH
         assert "found no Python named 'python' on its PATH" in logs, logs
     else:
-        assert "this job runs the Python 'python' = " in logs and "which does not have" in logs, logs
-        assert "duet-rl" in logs
+        said = re.search(
+            r"this job runs the Python 'python' = (/\S+) \(3\.[\d.]+\), which does not have (.+)\.", logs
+        )
+        assert said is not None, logs
+        assert Path(said[1]).is_file() and ("duet-rl" in said[2] or "ray" in said[2]), said[0]
     assert "start the Ray head from the environment where duet-rl is installed" in logs
     assert "duet submit --python /path/to/.venv/bin/python" in logs
     assert "Traceback" not in logs and "ModuleNotFoundError" not in logs
@@ -208,14 +212,16 @@ def test_a_job_whose_python_lacks_duet_fails_at_once_and_says_how_to_fix_it(bare
         "data.path=/nonexistent/duet-check.jsonl", timeout=300,
     )  # fmt: skip
     logs = _duet(env, "logs", named.stdout.splitlines()[0].strip(), "--address", address).stdout
-    assert "which does not have" not in logs, logs
+    assert "this job runs the Python" not in logs, logs
     assert "duet train: data.path: /nonexistent/duet-check.jsonl does not exist" in logs, logs
 
 
 def test_entrypoint_checks_its_python_first(tmp_path):
     """The entrypoint's own check, without a cluster: an interpreter that lacks duet's packages, and a
     PATH with no `python` at all."""
-    from cluster.jobs import entrypoint
+    from cluster.jobs import PYTHON_CHECK_ENV, entrypoint
+
+    check = {PYTHON_CHECK_ENV: runtime_env(upload=False, extra_env={})["env_vars"][PYTHON_CHECK_ENV]}
 
     bare = tmp_path / "bin"
     bare.mkdir()
@@ -227,7 +233,7 @@ def test_entrypoint_checks_its_python_first(tmp_path):
     r = subprocess.run(
         ["/bin/sh", "-c", command],
         cwd=tmp_path,
-        env={"PATH": f"{bare}:/usr/bin:/bin"},
+        env={"PATH": f"{bare}:/usr/bin:/bin", **check},
         capture_output=True,
         text=True,
     )
@@ -249,7 +255,9 @@ def test_entrypoint_checks_its_python_first(tmp_path):
     # The interpreter with everything: the check passes and duet's own `train` runs (and here stops at
     # a dataset that is not there, which is duet's message, not the check's).
     command = entrypoint(sys.executable, ["train", "data.path=/nonexistent/x.jsonl"])
-    r = subprocess.run(["/bin/sh", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["/bin/sh", "-c", command], cwd=REPO, env={**os.environ, **check}, capture_output=True, text=True
+    )
     assert r.returncode == 2 and "duet train: data.path: /nonexistent/x.jsonl does not exist" in r.stderr, r
 
 
