@@ -51,7 +51,14 @@ def ray_init_options(run: RunConfig) -> dict[str, Any]:
             flush=True,
         )
         return {"include_dashboard": False}
-    return {"include_dashboard": True, "dashboard_host": HOST, "dashboard_port": run.dashboard_port}
+    # WARNING: Ray's INFO line "View the dashboard at ..." would give the address a second time,
+    # without the token hint; `announce` prints it once.
+    return {
+        "include_dashboard": True,
+        "dashboard_host": HOST,
+        "dashboard_port": run.dashboard_port,
+        "logging_level": logging.WARNING,
+    }
 
 
 def token_source() -> str:

@@ -96,7 +96,7 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
     stderr = (tmp_path / "stderr.txt").open("w")
     proc = subprocess.Popen(
         duet_cmd(
-            "train", "--run-dir", str(run), f"model.cache_dir={model_cache}", "train.steps=3",
+            "train", "--run-dir", str(run), f"model.cache_dir={model_cache}", "train.steps=6",
             "rollout.prompts_per_step=8", "run.loggers=[tensorboard,wandb,mlflow]", "checkpoint.final=false",
         ),
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True, start_new_session=True,
@@ -109,10 +109,10 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
         url = info["url"]
         assert httpx.get(f"{url}/api/jobs/", timeout=10).status_code == 401  # the token guards it
 
-        # Hold the run between steps so that every actor is alive while the browser looks.
+        # Hold the run between steps so that every actor is alive while the browser looks. control.json
+        # appears once every actor has started; tiny steps take a second or two, so pause at once.
         control = _wait(lambda: json.loads((run / "control.json").read_text()), 300, "control.json", proc)
         auth = {"Authorization": f"Bearer {control['token']}"}
-        _wait(lambda: read_metrics(run), 600, "step 1", proc)
         assert httpx.post(f"{control['url']}/pause", headers=auth, timeout=10).status_code == 200
 
         browser = _browser()
@@ -169,16 +169,17 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
     err = (tmp_path / "stderr.txt").read_text()
     lines = [line for line in err.splitlines() if line.startswith("Ray dashboard")]
     assert len(lines) == 1 and url in lines[0] and "ray get-auth-token" in lines[0], err[-3000:]
+    assert "View the dashboard at" not in err  # Ray's own line would say it a second time
     assert token not in err
 
     # The trackers: the same names and values as metrics.jsonl, the config, the run's name.
     metrics = read_metrics(run)
-    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     expected = {key: {m["step"]: scalars(m)[key] for m in metrics} for key in scalars(metrics[0])}
     tb, wb, ml = tensorboard_scalars(run), wandb_offline_run(run), mlflow_run(store, "duet-rl")
     for logged in (tb, wb["history"], ml["history"]):
         assert set(logged) == set(expected)
         assert all(logged[k] == pytest.approx(v) for k, v in expected.items())
     assert wb["name"] == ml["name"] == run.name
-    assert wb["config"]["train"]["steps"] == ml["config"]["train"]["steps"] == 3
+    assert wb["config"]["train"]["steps"] == ml["config"]["train"]["steps"] == 6
     assert wb["config"]["control"]["token"] is None

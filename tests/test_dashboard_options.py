@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from cluster.config import load_config
@@ -11,7 +12,12 @@ from cluster.dashboard import ray_init_options, token_source
 def test_dashboard_starts_on_loopback_behind_the_token(monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     opts = ray_init_options(load_config(None, ["run.dashboard_port=8999"]).run)
-    assert opts == {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": 8999}
+    assert opts == {
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",
+        "dashboard_port": 8999,
+        "logging_level": logging.WARNING,
+    }
     assert "RAY_AUTH_MODE" not in os.environ  # ray.init itself turns the token on for a new cluster
 
 
