@@ -78,7 +78,7 @@ def _kill_ours(proc: subprocess.Popen, token: str) -> None:
             pass
 
 
-def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cache, tiny_model):
+def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cache, tiny_model, monkeypatch):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -173,6 +173,7 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
     assert token not in err
 
     # The trackers: the same names and values as metrics.jsonl, the config, the run's name.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for reading the store back here
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     expected = {key: {m["step"]: scalars(m)[key] for m in metrics} for key in scalars(metrics[0])}
