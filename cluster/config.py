@@ -68,6 +68,34 @@ class RunConfig(_Section):
     cpu_cores: int | None = Field(
         None, ge=1, description="CPU cores to plan with on CPU runs; default: os.cpu_count()."
     )
+    dashboard: bool = Field(
+        True,
+        description="Start Ray's dashboard (on 127.0.0.1, with Ray's token authentication) when the run "
+        "starts its own local Ray; its URL is printed and written to RUN_DIR/dashboard.json. A cluster's "
+        "dashboard (RAY_ADDRESS, `duet submit`) is the head's.",
+    )
+    dashboard_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of the local dashboard; None: 8265, or the next free one when it is taken.",
+    )
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers fed each step's metrics (metrics.jsonl is always written). "
+        "wandb and mlflow are optional extras (`pip install duet-rl[wandb]`, `[mlflow]`) and read their "
+        "usual environment (WANDB_MODE, WANDB_DIR, MLFLOW_TRACKING_URI, ...).",
+    )
+    tracker_project: str = Field(
+        "duet-rl", min_length=1, description="W&B project and MLflow experiment the runs are logged under."
+    )
+
+    @model_validator(mode="after")
+    def _no_repeated_logger(self) -> RunConfig:
+        repeated = sorted({name for name in self.loggers if self.loggers.count(name) > 1})
+        if repeated:
+            raise ValueError(f"run.loggers: {', '.join(repeated)} named more than once")
+        return self
 
 
 class ModelConfig(_Section):

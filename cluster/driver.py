@@ -14,6 +14,7 @@ producer (pipeline.py), scoring (scoring.py) and evaluation (evaluation.py).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ import ray
 from ray.util.placement_group import placement_group
 
 from actors.replay_queue import ReplayQueue
-from cluster import runtime
+from cluster import dashboard, runtime
 from cluster.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from cluster.config import Config
 from cluster.control import RunControl, start_control
@@ -38,6 +39,7 @@ from cluster.preflight import check_plan, check_run_dir, node_addresses, wait_pl
 from cluster.records import Prompt, ScoredGroup
 from cluster.scoring import Scoring, group_metrics, staleness_metrics
 from cluster.telemetry import Telemetry
+from cluster.trackers import TrackerStartError
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
 
@@ -84,7 +86,10 @@ class Trainer:
         policy), then after every step with its metrics before they are written (it may add to them).
         """
         cfg = self.cfg
-        writer = MetricsWriter(self.run_dir)
+        try:  # trackers start before any actor: a run without the tracking asked for does not start
+            writer = MetricsWriter(self.run_dir, cfg.run.loggers, cfg.run.tracker_project)
+        except TrackerStartError as e:
+            raise RunStopped(str(e)) from e
         server = None
         try:
             self.start()
@@ -346,10 +351,12 @@ class Trainer:
     def start(self) -> None:
         """Placement, actors, the weight-transfer group; from a checkpoint with `resume`."""
         cfg = self.cfg
+        connects_here = not ray.is_initialized()
         runtime.init_ray(cfg)
-        plan, warnings = check_plan(
-            cfg
-        )  # fails in seconds, naming what is missing, when the cluster is short
+        if connects_here:  # a Ray someone else set up in this process (tests, benchmarks): not announced
+            dashboard.announce(self.run_dir, cfg.run, local=not os.environ.get("RAY_ADDRESS"))
+        # Fails in seconds, naming what is missing, when the cluster cannot hold the plan.
+        plan, warnings = check_plan(cfg)
         self.plan = plan
         for w in warnings:
             print(f"duet: {w}", file=sys.stderr, flush=True)

@@ -2,7 +2,11 @@
 `duet status --job`.
 
 The job's entrypoint is `python -m cluster.cli train ...` run by the `python` on the job's PATH on the
-head node, so the cluster needs duet-rl's dependencies (vLLM, DeepSpeed, ...). The code itself travels
+head node (or the interpreter `--python` names), so the cluster needs duet-rl's dependencies (vLLM,
+DeepSpeed, ...). A head started as `.venv/bin/ray start` without activating the environment has some
+other `python` on its PATH: the entrypoint first checks, with the standard library only, that its
+interpreter can import ray and duet-rl's parts, and otherwise fails at once with a message naming that
+interpreter, what it lacks and the two fixes. The code itself travels
 with the job by default: the repository root holding the packages is uploaded as the runtime env's
 `working_dir` (without .venv, runs, .git, caches). With `--no-upload` nothing is uploaded and the job
 runs where the head's `ray start` ran, against the duet-rl installed there (the docker images).
@@ -133,12 +137,56 @@ def train_args(
 def runtime_env(upload: bool, extra_env: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES) and "TOKEN" not in k}
     env["PYTHONUNBUFFERED"] = "1"  # progress lines reach `duet logs` as they are printed
+    env[PYTHON_CHECK_ENV] = _PYTHON_CHECK  # run by the entrypoint's first command
     env.update(extra_env)
     renv: dict = {"env_vars": env}
     if upload:
         renv["working_dir"] = str(REPO_ROOT)
         renv["excludes"] = UPLOAD_EXCLUDES
     return renv
+
+
+# Run by the job's interpreter before the training command; standard library only, so it works in
+# exactly the environment that lacks duet-rl. argv[1]: how the interpreter was named.
+_PYTHON_CHECK = """\
+import importlib.util, sys
+need = {"ray": "ray", "cluster.cli": "duet-rl", "torch": "torch", "vllm": "vllm", "deepspeed": "deepspeed"}
+missing = []
+for module, package in need.items():
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except Exception:
+        found = False
+    if not found:
+        missing.append(package)
+if missing:
+    sys.exit(
+        "duet: this job runs the Python " + repr(sys.argv[1]) + " = " + sys.executable
+        + " (" + sys.version.split()[0] + "), which does not have " + ", ".join(missing) + ".\\n"
+        "Fix: start the Ray head from the environment where duet-rl is installed "
+        "(source .venv/bin/activate, then ray start --head ...), or name that environment's "
+        "interpreter: duet submit --python /path/to/.venv/bin/python ..."
+    )
+"""
+
+
+PYTHON_CHECK_ENV = "DUET_PYTHON_CHECK"
+
+
+def entrypoint(python: str, argv_train: list[str]) -> str:
+    """The job's shell command: find `python`, check it has what the run needs, then train with it."""
+    py = shlex.quote(python)
+    no_python = shlex.quote(
+        f"duet: the job found no Python named {python!r} on its PATH. Fix: start the Ray head from the "
+        "environment where duet-rl is installed, or name its interpreter: duet submit --python "
+        "/path/to/.venv/bin/python ..."
+    )
+    # The check's code travels in the runtime env (PYTHON_CHECK_ENV), so the job's log, which starts
+    # with the entrypoint, shows one readable line.
+    return (
+        f"command -v {py} >/dev/null 2>&1 || {{ echo {no_python} >&2; exit 127; }}; "
+        f'{py} -c "${PYTHON_CHECK_ENV}" {py} && ' + shlex.join([python, "-m", "cluster.cli", *argv_train])
+    )
 
 
 async def _tail(client, job_id: str) -> None:
@@ -189,6 +237,12 @@ def submit_main(argv: list[str]) -> int:
     )
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="job env var (repeat)")
     ap.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    ap.add_argument(
+        "--python",
+        default="python",
+        help="the interpreter that runs the job on the head, with duet-rl installed (default: the "
+        "`python` on the PATH the head was started with), e.g. /opt/duet/.venv/bin/python",
+    )
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     args = ap.parse_args(argv)
     upload = not args.no_upload
@@ -208,12 +262,12 @@ def submit_main(argv: list[str]) -> int:
             "pass an absolute --run-dir to keep the outputs",
             file=sys.stderr,
         )
-    entrypoint = shlex.join(["python", "-m", "cluster.cli", *argv_train])
+    command = entrypoint(args.python, argv_train)
 
     def go() -> int:
         client = job_client(args.address)
         job_id = client.submit_job(
-            entrypoint=entrypoint, runtime_env=runtime_env(upload, extra_env), submission_id=args.job_id
+            entrypoint=command, runtime_env=runtime_env(upload, extra_env), submission_id=args.job_id
         )
         print(job_id, flush=True)
         return 0 if args.no_wait else follow(client, job_id)

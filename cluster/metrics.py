@@ -1,40 +1,62 @@
-"""metrics.jsonl (one JSON object per step) and TensorBoard event files in the run directory."""
+"""metrics.jsonl (one JSON object per step, always) and the experiment trackers in `run.loggers`."""
 
 from __future__ import annotations
 
 import json
-import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+from cluster.trackers import Tracker, read_config, scalars, start_trackers
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
-        self.file = (run_dir / "metrics.jsonl").open("a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+    """Writes each step to metrics.jsonl and to every tracker.
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except Exception:  # tensorboard missing: metrics.jsonl is still complete
-                self.tb = None
+    Trackers start here, so a tracker that cannot start raises TrackerStartError before the driver
+    starts an actor. A tracker that fails later is reported once on stderr and dropped: metrics.jsonl
+    and the other trackers go on, and so does training.
+    """
+
+    def __init__(
+        self, run_dir: Path, loggers: Sequence[str] = ("tensorboard",), project: str = "duet-rl"
+    ) -> None:
+        self.trackers: list[Tracker] = start_trackers(list(loggers), run_dir, read_config(run_dir), project)
+        self.failed: dict[str, str] = {}  # logger -> why it was dropped
+        self.file = (run_dir / "metrics.jsonl").open("a")
 
     def write(self, metrics: dict) -> None:
         self.file.write(json.dumps(metrics, default=str) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            step = metrics["step"]
-            for key, value in metrics.items():
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or key == "step":
-                    continue
-                if math.isfinite(value):
-                    self.tb.add_scalar(key, value, step)
-            self.tb.flush()
+        values, step = scalars(metrics), metrics["step"]
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(values, step)
+            except Exception as e:
+                self._drop(tracker, f"failed at step {step}: {type(e).__name__}: {e}")
+
+    def _drop(self, tracker: Tracker, why: str) -> None:
+        self.trackers.remove(tracker)
+        self.failed[tracker.name] = why
+        print(
+            f"duet: logger {tracker.name} {why}; it is off for the rest of the run "
+            "(metrics.jsonl and the other loggers go on)",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            tracker.close()
+        except Exception:
+            pass
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            try:
+                tracker.close()
+            except Exception as e:
+                print(f"duet: logger {tracker.name} did not close cleanly: {e}", file=sys.stderr)
+        self.trackers = []
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -19,7 +20,7 @@ import yaml
 from cluster.config import load_config
 from cluster.jobs import REPO_ROOT, runtime_env, train_args
 from cluster.metrics import read_metrics
-from tests.helpers import free_ports, integration_fixture, run_duet
+from tests.helpers import REPO, free_ports, integration_fixture, run_duet
 
 
 def _kill_ours(proc: subprocess.Popen, token: str) -> None:
@@ -46,20 +47,32 @@ def _kill_ours(proc: subprocess.Popen, token: str) -> None:
             pass
 
 
+def _path_without_this_environment() -> str:
+    venv_bin = str(Path(sys.executable).parent)
+    return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+
+
 @integration_fixture(scope="module")
 def ray_head():
+    # The job's `python` is the head's PATH's: put this interpreter first.
+    yield from _ray_head(f"{Path(sys.executable).parent}{os.pathsep}{_path_without_this_environment()}")
+
+
+@integration_fixture(scope="module")
+def bare_ray_head():
+    """A head started as `.venv/bin/ray start` from a shell that did not activate the environment."""
+    yield from _ray_head(_path_without_this_environment())
+
+
+def _ray_head(path: str):
     # A short temp dir of its own: Ray's socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="duet-ray-", dir="/tmp")
     token = secrets.token_hex(32)
     gcs, dash, client, agent, agent_grpc, metrics, renv, node, objm = free_ports(9)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # The job's `python` is the head's PATH's: put this interpreter first. The token reaches the head,
-    # its job drivers and the clients through the environment; ~/.ray/auth_token is left alone.
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=token,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
+    # The token reaches the head, its job drivers and the clients through the environment;
+    # ~/.ray/auth_token is left alone.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=path)
     ray_bin = str(Path(sys.executable).parent / "ray")
     cmd = [
         ray_bin, "start", "--head", "--block", "--disable-usage-stats",
@@ -146,6 +159,96 @@ def test_submit_trains_on_the_cluster_with_auth_on(ray_head, tmp_path, model_cac
     while "STOPPED" not in (out := _duet(env, "status", "--job", job2, "--address", address).stdout):
         assert time.monotonic() < deadline, out
         time.sleep(2)
+
+
+@pytest.mark.integration
+def test_a_job_whose_python_lacks_duet_fails_at_once_and_says_how_to_fix_it(bare_ray_head, tmp_path):
+    address, _, head_env = bare_ray_head
+    # The submitter runs in the environment (duet is installed here); only the head's PATH lacks it.
+    env = dict(head_env, PATH=os.environ["PATH"])
+    proc = _duet(env, "submit", "--address", address, "--run-dir", str(tmp_path / "run"), timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    job_id = proc.stdout.splitlines()[0].strip()
+    assert "duet submit --python" in proc.stdout, proc.stdout  # `duet submit` itself shows the message
+    logs = _duet(env, "logs", job_id, "--address", address).stdout
+    found = shutil.which("python", path=head_env["PATH"])
+    if found is None:  # no `python` at all on that PATH
+        assert "found no Python named 'python' on its PATH" in logs, logs
+    else:
+        said = re.search(
+            r"this job runs the Python 'python' = (/\S+) \(3\.[\d.]+\), which does not have (.+)\.", logs
+        )
+        assert said is not None, logs
+        assert Path(said[1]).is_file() and ("duet-rl" in said[2] or "ray" in said[2]), said[0]
+    assert "start the Ray head from the environment where duet-rl is installed" in logs
+    assert "duet submit --python /path/to/.venv/bin/python" in logs
+    assert "Traceback" not in logs and "ModuleNotFoundError" not in logs
+    status = _duet(env, "status", "--job", job_id, "--address", address)
+    assert "FAILED" in status.stdout, status.stdout + status.stderr
+
+    from ray.job_submission import JobSubmissionClient
+
+    auth = {"Authorization": f"Bearer {head_env['RAY_AUTH_TOKEN']}"}
+    info = JobSubmissionClient(address, headers=auth).get_job_info(job_id)
+    ran_s = (info.end_time - info.start_time) / 1000  # from the job's start, upload included
+    print(f"the failing job ran {ran_s:.2f} s")
+    assert ran_s < 10
+
+    # Naming the interpreter: the job passes the check and runs duet's own `train`, which (quickly,
+    # on purpose) stops at a dataset that is not there; the full run is test_submit_trains_...'s.
+    named = _duet(
+        env, "submit", "--address", address, "--python", sys.executable, "--run-dir", str(tmp_path / "run2"),
+        "data.path=/nonexistent/duet-check.jsonl", timeout=300,
+    )  # fmt: skip
+    logs = _duet(env, "logs", named.stdout.splitlines()[0].strip(), "--address", address).stdout
+    assert "this job runs the Python" not in logs, logs
+    assert "duet train: data.path: /nonexistent/duet-check.jsonl does not exist" in logs, logs
+
+
+@pytest.mark.integration  # runs the entrypoint in a shell
+def test_entrypoint_checks_its_python_first(tmp_path):
+    """The entrypoint's own check, without a cluster: an interpreter that lacks duet's packages, and a
+    PATH with no `python` at all."""
+    from cluster.jobs import PYTHON_CHECK_ENV, entrypoint
+
+    check = {PYTHON_CHECK_ENV: runtime_env(upload=False, extra_env={})["env_vars"][PYTHON_CHECK_ENV]}
+
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    python = bare / "python"  # this interpreter with its site-packages and PYTHONPATH switched off
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
+    python.chmod(0o755)
+    command = entrypoint("python", ["train", "train.steps=1"])
+    t0 = time.monotonic()
+    r = subprocess.run(
+        ["/bin/sh", "-c", command],
+        cwd=tmp_path,
+        env={"PATH": f"{bare}:/usr/bin:/bin", **check},
+        capture_output=True,
+        text=True,
+    )
+    assert time.monotonic() - t0 < 5
+    assert r.returncode == 1 and r.stdout == "", r
+    assert f"this job runs the Python 'python' = {sys.executable}" in r.stderr
+    assert "which does not have ray, duet-rl, torch, vllm, deepspeed." in r.stderr
+    assert "duet submit --python /path/to/.venv/bin/python" in r.stderr
+
+    r = subprocess.run(
+        ["/bin/sh", "-c", command],
+        cwd=tmp_path,
+        env={"PATH": str(tmp_path / "none")},
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 127 and "found no Python named 'python' on its PATH" in r.stderr, r
+
+    # The interpreter with everything: the check passes and duet's own `train` runs (and here stops at
+    # a dataset that is not there, which is duet's message, not the check's).
+    command = entrypoint(sys.executable, ["train", "data.path=/nonexistent/x.jsonl"])
+    r = subprocess.run(
+        ["/bin/sh", "-c", command], cwd=REPO, env={**os.environ, **check}, capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "duet train: data.path: /nonexistent/x.jsonl does not exist" in r.stderr, r
 
 
 def test_train_args_carry_an_outside_config_as_overrides(tmp_path):
