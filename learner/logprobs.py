@@ -150,3 +150,29 @@ def completion_logprobs(
     finally:
         head.request, head.entropy = None, None
     return out.logits, entropy
+
+
+def reference_logprobs(
+    model: nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float
+) -> tuple[Tensor, Tensor]:
+    """The learner's computation before `CompletionHead`, kept as the reference that tests and
+    benchmarks/learner_memory.py compare against: fp32 logits at every position, a padded copy of the
+    completion positions stacked into [B, C, V], log-softmax and entropy (with gradient) over all of it."""
+    from learner.losses import entropy_from_logits, token_logprobs
+
+    def pad(rows: list[list[int]]) -> Tensor:
+        out = torch.zeros((len(rows), max(len(r) for r in rows)), dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out
+
+    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    logits = model(input_ids=pad(seqs), attention_mask=pad([[1] * len(s) for s in seqs])).logits
+    logits = logits.float() / temperature
+    width = max(len(c) for c in completion_ids)
+    rows_logits = []
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        chunk = logits[i, len(p) - 1 : len(p) - 1 + len(c)]
+        rows_logits.append(F.pad(chunk, (0, 0, 0, width - len(c))))
+    step_logits = torch.stack(rows_logits)
+    return token_logprobs(step_logits, pad(completion_ids)), entropy_from_logits(step_logits)

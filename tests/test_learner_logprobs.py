@@ -1,14 +1,19 @@
 """Completion log-probs in chunks (learner.logprobs) give the loss and gradients of the full-logits
-computation they replaced. The reference below is the learner's previous code, kept verbatim in spirit:
-logits at every position, a stacked copy of the completion positions, entropy with gradients."""
+computation they replaced (`reference_logprobs`: the learner's previous code, logits at every position,
+a stacked copy of the completion positions, entropy with gradients)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from learner.logprobs import CompletionHead, completion_logprobs, install_completion_head
-from learner.losses import entropy_from_logits, policy_loss, token_logprobs
+from learner.logprobs import (
+    CompletionHead,
+    completion_logprobs,
+    install_completion_head,
+    reference_logprobs,
+)
+from learner.losses import policy_loss
 
 
 def _pad(rows, value, dtype):
@@ -17,22 +22,6 @@ def _pad(rows, value, dtype):
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=dtype)
     return out
-
-
-def reference_logprobs(model, prompt_ids, completion_ids, temperature):
-    """The learner's computation before the chunked head (full-vocabulary logits at every position)."""
-    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
-    ids = _pad(seqs, 0, torch.long)
-    attn = _pad([[1] * len(s) for s in seqs], 0, torch.long)
-    logits = model(input_ids=ids, attention_mask=attn).logits.float() / temperature
-    width = max(len(c) for c in completion_ids)
-    rows_logits = []
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        chunk = logits[i, len(p) - 1 : len(p) - 1 + len(c)]
-        rows_logits.append(torch.nn.functional.pad(chunk, (0, 0, 0, width - len(c))))
-    step_logits = torch.stack(rows_logits)
-    targets = _pad(completion_ids, 0, torch.long)
-    return token_logprobs(step_logits, targets), entropy_from_logits(step_logits)
 
 
 def _model(vocab: int, seed: int = 0, tied: bool = False):
