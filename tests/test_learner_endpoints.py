@@ -24,9 +24,9 @@ def two_node_ray():
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    cluster.add_node(num_cpus=3, node_ip_address=WORKER)
-    ray.init(address=cluster.address, log_to_driver=False)
     try:
+        cluster.add_node(num_cpus=3, node_ip_address=WORKER)
+        ray.init(address=cluster.address, log_to_driver=False)
         yield ray
     finally:
         ray.shutdown()
