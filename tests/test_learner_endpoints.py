@@ -21,9 +21,13 @@ WORKER = "127.0.0.2"  # any 127/8 address reaches this machine through the loopb
 @pytest.fixture(scope="module")
 def two_node_ray():
     import ray
+    from ray._common.utils import reset_ray_address
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    # The head wrote its address where a plain `ray.init()` looks for a cluster to join: take it back, so
+    # that no other Ray user on this machine (or a later test's local Ray) joins or trips over this one.
+    reset_ray_address()
     try:
         cluster.add_node(num_cpus=3, node_ip_address=WORKER)
         ray.init(address=cluster.address, log_to_driver=False)
