@@ -327,6 +327,19 @@ class LearnerConfig(_Section):
     broadcast_bucket_mib: float = Field(
         64.0, gt=0.0, description="Packed bucket size of the weight broadcast, in MiB."
     )
+    zero3_persistence_threshold: int = Field(
+        100_000,
+        ge=0,
+        description="ZeRO-3 only: parameters with at most this many elements stay whole on every rank "
+        "instead of being partitioned (DeepSpeed's stage3_param_persistence_threshold; its default 1e5). "
+        "0 partitions every parameter.",
+    )
+    logprob_chunk_tokens: int = Field(
+        512,
+        ge=1,
+        description="Completion tokens whose vocabulary-sized logits are materialised at once when the "
+        "learner computes log-probs and entropy (memory: this × vocabulary × 4 bytes per chunk).",
+    )
 
 
 class TrainConfig(_Section):

@@ -8,7 +8,6 @@ shards them across ranks balanced by tokens, and runs one optimizer step on ever
 from __future__ import annotations
 
 import random
-import socket
 import time
 from typing import Any
 
@@ -22,14 +21,6 @@ from cluster.records import ScoredGroup
 from learner.advantages import compute_advantages
 from learner.losses import overlong_adjust
 from learner.worker import LearnerWorker
-
-
-@ray.remote(num_cpus=0)
-def _free_endpoint() -> tuple[str, int]:
-    """An address and a free port on the node that will host rank 0 (run inside its bundle)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
 def build_rows(groups: list[ScoredGroup], cfg: Config) -> tuple[list[dict], dict[str, float]]:
@@ -74,10 +65,6 @@ class LearnerGroup:
     ) -> None:
         self.cfg = cfg
         k = cfg.learner.num_ranks
-        strategy = PlacementGroupSchedulingStrategy(
-            placement_group, placement_group_bundle_index=bundle_offset
-        )
-        address, port = ray.get(_free_endpoint.options(scheduling_strategy=strategy).remote())
         gpus = cfg.learner.gpus_per_rank if device == "cuda" else 0
         self.workers = [
             LearnerWorker.options(
@@ -86,26 +73,13 @@ class LearnerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group, placement_group_bundle_index=bundle_offset + rank
                 ),
-            ).remote(
-                rank,
-                k,
-                address,
-                port,
-                model_path,
-                cfg.learner.model_dump(),
-                {
-                    **cfg.algorithm.model_dump(),
-                    "length_norm": cfg.algorithm.length_norm or cfg.rollout.max_tokens,
-                },
-                cfg.rollout.temperature,
-                cfg.model.dtype,
-                device,
-                cfg.run.seed,
-                threads,
-            )
+            ).remote(rank, k, cfg, model_path, device, threads)  # derived defaults already resolved
             for rank in range(k)
         ]
-        ray.get([w.ready.remote() for w in self.workers])
+        # The process group's store listens in learner rank 0's own process, on its node: ask it.
+        self.process_group_endpoint: tuple[str, int] = ray.get(self.workers[0].open_endpoint.remote())
+        ray.get([w.join.remote(*self.process_group_endpoint) for w in self.workers])
+        self.broadcast_endpoint: tuple[str, int] | None = None
         self.batches = 0  # train_step calls so far: seeds the mini-batch shuffle (kept in checkpoints)
 
     def ready_info(self) -> list[dict]:
@@ -131,13 +105,19 @@ class LearnerGroup:
             loads[i] += len(row["prompt_ids"]) + len(row["completion_ids"])
         return shards
 
+    def _micro_batches(self, shards: list[list[dict]]) -> int:
+        """The most micro-batches any rank has: every rank runs that many (see LearnerWorker.train_step)."""
+        mb = self.cfg.learner.micro_batch_size
+        return max(1, max(-(-len(s) // mb) for s in shards))
+
     def _update(self, rows: list[dict]) -> dict[str, float]:
         """One optimizer step on `rows`, sharded over the ranks; stats reduced over the ranks."""
         agg = self.cfg.algorithm.aggregation
         units = [(len(r["completion_ids"]) if agg == "token_mean" else 1) if r["keep"] else 0 for r in rows]
         denominator = float(max(sum(units), 1))
         shards = self._shard(rows)
-        results = ray.get([w.train_step.remote(s, denominator) for w, s in zip(self.workers, shards)])
+        n = self._micro_batches(shards)
+        results = ray.get([w.train_step.remote(s, denominator, n) for w, s in zip(self.workers, shards)])
         tokens = sum(r["train/tokens"] for r in results) or 1.0
         keys = list(dict.fromkeys(k for r in results for k in r))  # a rank with no rows lacks some
         stats: dict[str, float] = {}
@@ -156,9 +136,8 @@ class LearnerGroup:
 
     def _set_old_logprobs(self, rows: list[dict]) -> None:
         """π_old of every row (no-grad forward on the ranks, before any update), as row["old_logprobs"]."""
-        mb = self.cfg.learner.micro_batch_size
         shards = self._shard(rows)
-        forwards = max(-(-len(s) // mb) for s in shards)
+        forwards = self._micro_batches(shards)
         results = ray.get([w.old_logprobs.remote(s, forwards) for w, s in zip(self.workers, shards)])
         for shard, logps in zip(shards, results):
             for row, logp in zip(shard, logps):
@@ -197,7 +176,9 @@ class LearnerGroup:
         self, engines: list, workers_per_engine: int, backend: str, timeout_s: float | None = None
     ) -> None:
         """`timeout_s`: deadline of one weight update (and of the rendezvous) on learner rank 0."""
-        address, port = ray.get(_free_endpoint.remote())
+        # Learner rank 0 listens for the engines: the address and port are taken on its node, by it.
+        address, port = ray.get(self.workers[0].free_port.remote())
+        self.broadcast_endpoint = (address, port)
         self.rendezvous = {"address": address, "port": port}  # recorded in RUN_DIR/actors.json
         bucket = int(self.cfg.learner.broadcast_bucket_mib * (1 << 20))
         ray.get(

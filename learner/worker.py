@@ -8,11 +8,14 @@ and on rank 0 sends the new weights to the engines through vLLM's weight-transfe
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Any
 
 import ray
 import torch
+
+from cluster.config import Config
 
 
 def _pad(rows: list[list[int]], value: float | int, dtype) -> torch.Tensor:
@@ -34,59 +37,108 @@ def _parse_cores(spec: str) -> set[int]:
 
 @ray.remote
 class LearnerWorker:
+    """One DeepSpeed rank. Built in two steps so that learner rank 0 itself chooses the rendezvous of
+    the process group: `__init__` loads the model (no collectives), rank 0's `open_endpoint` binds the
+    store on its own node, then every rank's `join` initialises DeepSpeed against it."""
+
     def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        master_addr: str,
-        master_port: int,
-        model_path: str,
-        learner: dict[str, Any],
-        algorithm: dict[str, Any],
-        temperature: float,
-        dtype: str,
-        device: str,
-        seed: int,
-        cpu_threads: int | None = None,
+        self, rank: int, world_size: int, cfg: Config, model_path: str, device: str, cpu_threads: int | None
     ) -> None:
+        learner = cfg.learner
         os.environ.update(
             RANK=str(rank),
             LOCAL_RANK="0",  # one visible device per actor (Ray sets CUDA_VISIBLE_DEVICES)
             WORLD_SIZE=str(world_size),
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
         )
         if device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            if learner.get("cpu_affinity"):
-                cores = _parse_cores(learner["cpu_affinity"])
+            if learner.cpu_affinity:
+                cores = _parse_cores(learner.cpu_affinity)
                 os.sched_setaffinity(0, cores)
                 cpu_threads = len(cores)
             if cpu_threads:
                 torch.set_num_threads(cpu_threads)
-        import deepspeed
         from transformers import AutoModelForCausalLM
 
-        torch.manual_seed(seed)
-        self.rank, self.world_size = rank, world_size
-        self.learner, self.algo, self.temperature = learner, algorithm, temperature
+        from learner.logprobs import install_completion_head
+
+        torch.manual_seed(cfg.run.seed)
+        self.rank, self.world_size, self.cfg = rank, world_size, cfg
+        self.learner, self.algo, self.temperature = learner, cfg.algorithm, cfg.rollout.temperature
+        self.device_kind = device
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
-        torch_dtype = getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch_dtype)
-        if learner["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable()
+        self.model_path = model_path
+        self.torch_dtype = getattr(torch, cfg.model.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=self.torch_dtype)
+        self.head = install_completion_head(self.model, learner.logprob_chunk_tokens)
+        if learner.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.store = None
+        self.engine = None
+        self.ref = None
+        self.ref_head = None
+        self.sender = None
+
+    def node_address(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def open_endpoint(self, timeout_s: float = 600.0) -> tuple[str, int]:
+        """Rank 0: bind the process group's store on this node (a port the OS picks, so nothing can take
+        it between choosing and binding) and return (this node's address, that port)."""
+        from datetime import timedelta
+
+        if self.rank != 0:
+            raise RuntimeError(f"open_endpoint is for learner rank 0, called on rank {self.rank}")
+        address = ray.util.get_node_ip_address()
+        self.store = torch.distributed.TCPStore(
+            address,
+            0,
+            self.world_size,
+            is_master=True,
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+        )
+        return address, self.store.port
+
+    def free_port(self) -> tuple[str, int]:
+        """This node's address and a port free on it now (the weight-transfer rendezvous, which the sender
+        binds later on this same process)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def join(self, address: str, port: int, timeout_s: float = 600.0) -> None:
+        """Join the process group at rank 0's endpoint and build the DeepSpeed engine (collective)."""
+        from datetime import timedelta
+
+        import deepspeed
+
+        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port))
+        backend = "nccl" if self.device_kind == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if self.store is None:
+            self.store = torch.distributed.TCPStore(
+                address, port, self.world_size, is_master=False, timeout=timeout
+            )
+        torch.distributed.init_process_group(
+            backend, store=self.store, rank=self.rank, world_size=self.world_size, timeout=timeout
+        )
+        deepspeed.init_distributed(dist_backend=backend)  # adopts the group above
+        learner, dtype = self.learner, self.cfg.model.dtype
+        zero: dict[str, Any] = {"stage": learner.zero_stage}
+        if learner.zero_stage == 3:
+            zero["stage3_param_persistence_threshold"] = learner.zero3_persistence_threshold
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": learner["grad_clip"],
-            "zero_optimization": {"stage": learner["zero_stage"]},
+            "gradient_clipping": learner.grad_clip,
+            "zero_optimization": zero,
             "optimizer": {
                 "type": "AdamW",
                 "params": {
-                    "lr": learner["lr"],
-                    "betas": list(learner["betas"]),
-                    "weight_decay": learner["weight_decay"],
+                    "lr": learner.lr,
+                    "betas": list(learner.betas),
+                    "weight_decay": learner.weight_decay,
                     "torch_adam": True,  # DeepSpeed's fused CPU Adam needs a compiler at run time
                 },
             },
@@ -96,37 +148,38 @@ class LearnerWorker:
             "wall_clock_breakdown": False,
         }
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=ds_config
+            model=self.model, model_parameters=self.model.parameters(), config=ds_config
         )
-        self.ref = None
-        if algorithm["kl_coef"] > 0:  # β = 0 loads no reference model at all
-            self.ref = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch_dtype).to(
-                self.device
-            )
-            self.ref.eval().requires_grad_(False)
-        self.sender = None
+        if self.algo.kl_coef > 0:  # β = 0 loads no reference model at all
+            from transformers import AutoModelForCausalLM
+
+            from learner.logprobs import install_completion_head
+
+            self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, torch_dtype=self.torch_dtype)
+            self.ref_head = install_completion_head(self.ref, learner.logprob_chunk_tokens)
+            self.ref.to(self.device).eval().requires_grad_(False)
 
     def ready(self) -> dict:
-        return {"rank": self.rank, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "address": ray.util.get_node_ip_address(),
+        }
 
     # ---- one optimizer step ----
-    def _logprobs(self, model, prompt_ids, completion_ids):
-        """Per-token log π(completion token | prefix) of the tempered distribution, [B, C] (+ entropy)."""
-        from learner.losses import entropy_from_logits, token_logprobs
+    def _logprobs(self, ref: bool, prompt_ids, completion_ids):
+        """Per-token log π(completion token | prefix) of the tempered distribution, [B, C], and entropy."""
+        from learner.logprobs import completion_logprobs
 
-        seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
-        ids = _pad(seqs, 0, torch.long).to(self.device)
-        attn = _pad([[1] * len(s) for s in seqs], 0, torch.long).to(self.device)
-        logits = model(input_ids=ids, attention_mask=attn).logits.float() / self.temperature
-        width = max(len(c) for c in completion_ids)
-        rows_logits = []
-        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-            # Logits at position t predict token t+1: the completion is predicted from len(p)-1 on.
-            chunk = logits[i, len(p) - 1 : len(p) - 1 + len(c)]
-            rows_logits.append(torch.nn.functional.pad(chunk, (0, 0, 0, width - len(c))))
-        step_logits = torch.stack(rows_logits)
-        targets = _pad(completion_ids, 0, torch.long).to(self.device)
-        return token_logprobs(step_logits, targets), entropy_from_logits(step_logits)
+        model, head = (self.ref, self.ref_head) if ref else (self.engine, self.head)
+        return completion_logprobs(model, head, prompt_ids, completion_ids, self.temperature, self.device)
+
+    def _dummy_logprobs(self):
+        """One 2-token sequence through the engine: a rank with fewer micro-batches than the others runs
+        these so that every rank takes part in the same collectives (ZeRO-3 gathers parameters in each
+        forward and backward, ZeRO-2 reduces gradients in each backward)."""
+        return self._logprobs(False, [[0]], [[0]])[0]
 
     def old_logprobs(self, batch: list[dict], forwards: int = 0) -> list[list[float]]:
         """π_old for `batch` (this rank's sequences): per-token log-probs of each completion under the
@@ -134,7 +187,7 @@ class LearnerWorker:
         so later updates see their ratio to the policy that started the step. `forwards`: the most
         micro-batches any rank runs; under ZeRO-3 every forward gathers parameters from all ranks, so a
         rank with fewer runs dummy forwards until it has taken part in as many."""
-        mb = self.learner["micro_batch_size"]
+        mb = self.learner.micro_batch_size
         chunks = [batch[i : i + mb] for i in range(0, len(batch), mb)]
         out: list[list[float]] = []
         self.engine.eval()
@@ -142,38 +195,45 @@ class LearnerWorker:
             for chunk in chunks:
                 prompts = [s["prompt_ids"] for s in chunk]
                 comps = [s["completion_ids"] for s in chunk]
-                logp = self._logprobs(self.engine, prompts, comps)[0].float().cpu()
+                logp = self._logprobs(False, prompts, comps)[0].float().cpu()
                 out.extend(logp[i, : len(c)].tolist() for i, c in enumerate(comps))
-            if self.learner["zero_stage"] == 3:
+            if self.learner.zero_stage == 3:
                 for _ in range(len(chunks), forwards):
-                    self.engine(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device))
+                    self._dummy_logprobs()
         self.engine.train()
         return out
 
-    def train_step(self, batch: list[dict], denominator: float) -> dict[str, float]:
+    def train_step(self, batch: list[dict], denominator: float, micro_batches: int = 1) -> dict[str, float]:
         """`batch`: this rank's sequences; `denominator`: the step's count of loss units over all ranks
-        (tokens for token_mean, sequences otherwise), so micro-batches and ranks add up to one loss.
+        (tokens for token_mean, sequences otherwise), so micro-batches and ranks add up to one loss;
+        `micro_batches`: the most micro-batches any rank has this step. Every rank runs that many
+        forward/backward passes (the missing ones on a dummy sequence with zero weight), so gradient
+        reductions and ZeRO-3 gathers line up across ranks.
         A row's "old_logprobs" (set when there are several updates per batch) is its π_old; without it
         π_old is the policy that starts the step (one update per batch: ratio 1)."""
         from learner.losses import policy_loss
 
         t0 = time.perf_counter()
-        algo, mb = self.algo, self.learner["micro_batch_size"]
+        algo, mb = self.algo, self.learner.micro_batch_size
         self.engine.train()
         sums: dict[str, float] = {}
         weight_total = 0.0
-        chunks = [batch[i : i + mb] for i in range(0, len(batch), mb)] or [[]]
+        chunks = [batch[i : i + mb] for i in range(0, len(batch), mb)]
+        if len(chunks) > micro_batches:
+            raise ValueError(
+                f"rank {self.rank}: {len(batch)} rows make {len(chunks)} micro-batches of "
+                f"{mb}, more than the step's micro_batches={micro_batches}"
+            )
+        chunks += [[] for _ in range(max(micro_batches, 1) - len(chunks))]
         for k, chunk in enumerate(chunks):
-            last = k == len(chunks) - 1
-            self.engine.set_gradient_accumulation_boundary(last)
+            self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
             if not chunk:
-                # A rank with no data still takes part in the gradient reduction, with a zero loss.
-                loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters())
-                self.engine.backward(loss)
+                # Zero weight: the same forward/backward collectives as a real micro-batch, no gradient.
+                self.engine.backward(self._dummy_logprobs().sum() * 0.0)
                 continue
             prompts = [s["prompt_ids"] for s in chunk]
             comps = [s["completion_ids"] for s in chunk]
-            logp, entropy = self._logprobs(self.engine, prompts, comps)
+            logp, entropy = self._logprobs(False, prompts, comps)
             mask = _pad([[float(s["keep"])] * len(s["completion_ids"]) for s in chunk], 0.0, torch.float32)
             mask = mask.to(self.device)
             behaviour = _pad([s["behaviour_logprobs"] for s in chunk], 0.0, torch.float32).to(self.device)
@@ -185,22 +245,22 @@ class LearnerWorker:
             ref = None
             if self.ref is not None:
                 with torch.no_grad():
-                    ref, _ = self._logprobs(self.ref, prompts, comps)
+                    ref, _ = self._logprobs(True, prompts, comps)
             loss, stats = policy_loss(
                 logp,
                 old,
                 adv,
                 mask,
-                clip_low=algo["clip_low"],
-                clip_high=algo["clip_high"],
-                dual_clip=algo["dual_clip"],
-                aggregation=algo["aggregation"],
-                length_norm=algo["length_norm"],
+                clip_low=algo.clip_low,
+                clip_high=algo.clip_high,
+                dual_clip=algo.dual_clip,
+                aggregation=algo.aggregation,
+                length_norm=algo.length_norm,
                 behaviour_logprobs=behaviour,
-                tis_cap=algo["tis_cap"],
+                tis_cap=algo.tis_cap,
                 ref_logprobs=ref,
-                kl_coef=algo["kl_coef"],
-                kl_estimator=algo["kl_estimator"],
+                kl_coef=algo.kl_coef,
+                kl_estimator=algo.kl_estimator,
                 denominator=denominator,
             )
             # DeepSpeed averages gradients over ranks; the loss is already a share of the global sum.
@@ -252,7 +312,7 @@ class LearnerWorker:
         self.transfer_timeout_s = timeout_s or TRANSFER_TIMEOUT_S
         client = EngineFleetClient(engine_handles, workers_per_engine, self.transfer_timeout_s)
         world = 1 + len(engine_handles) * workers_per_engine
-        source = ZeroModuleSource(self.engine.module, self.learner["zero_stage"])
+        source = ZeroModuleSource(self.engine.module, self.learner.zero_stage)
         if backend == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
@@ -293,7 +353,7 @@ class LearnerWorker:
         """The full weights in HF names, on CPU (gathered under ZeRO-3). For tests and exports."""
         from learner.weight_sender import ZeroModuleSource
 
-        source = ZeroModuleSource(self.engine.module, self.learner["zero_stage"])
+        source = ZeroModuleSource(self.engine.module, self.learner.zero_stage)
         return {name: t.detach().to("cpu").clone() for name, t in source}
 
     def perturb(self, scale: float, seed: int) -> None:
