@@ -48,6 +48,7 @@ class RolloutEngine:
         self.version = initial_version
         self.in_flight = 0
         self.update_active = False
+        self.vllm_error: str | None = None  # set when vLLM's own processes died under this actor
         args = AsyncEngineArgs(
             model=model_path,
             dtype=dtype,
@@ -68,6 +69,25 @@ class RolloutEngine:
 
     def ready(self) -> dict:
         return {"engine_id": self.engine_id, "pid": os.getpid(), "version": self.version}
+
+    def alive(self) -> bool:
+        """Whether this engine can still generate: the actor answers, and so do vLLM's processes under it.
+        A SIGKILLed `VLLM::Worker` or `VLLM::EngineCore` (a CUDA error, an out-of-memory kill) leaves the
+        actor alive but every call failing with EngineDeadError: the driver replaces such an engine."""
+        return self.vllm_error is None and not self.engine.errored
+
+    @contextlib.asynccontextmanager
+    async def _vllm_call(self):
+        """Remember that vLLM died when a call fails with EngineDeadError (or after which vLLM reports
+        itself errored): its exception reaches the driver, and `alive()` answers False from then on."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            yield
+        except BaseException as e:
+            if isinstance(e, EngineDeadError) or self.engine.errored:
+                self.vllm_error = f"{type(e).__name__}: {e}"
+            raise
 
     async def generate(
         self,
@@ -95,22 +115,26 @@ class RolloutEngine:
         self.in_flight += len(prompts)
         version_start = self.version
         try:
-            if deterministic:
-                await self.engine.pause_generation(mode="keep", clear_cache=False)
-            try:
-                queues = [await self.engine.add_request(uuid.uuid4().hex, p.text, params) for p in prompts]
-                if deterministic and seed is not None:
-                    await self.engine.collective_rpc("duet_reseed", args=(seed,))
-            finally:
-                if deterministic:
-                    await self.engine.resume_generation()
-            finals = await asyncio.gather(*(self._final(q) for q in queues))
+            async with self._vllm_call():
+                finals = await self._generate(prompts, params, deterministic, seed)
         finally:
             self.in_flight -= len(prompts)
         groups = [self._group(p, out, version_start) for p, out in zip(prompts, finals)]
         if any(len(g) != group_size for g in groups):
             raise RuntimeError(f"a group came back with fewer than {group_size} completions")
         return groups
+
+    async def _generate(self, prompts: list[Prompt], params, deterministic: bool, seed: int | None) -> list:
+        if deterministic:
+            await self.engine.pause_generation(mode="keep", clear_cache=False)
+        try:
+            queues = [await self.engine.add_request(uuid.uuid4().hex, p.text, params) for p in prompts]
+            if deterministic and seed is not None:
+                await self.engine.collective_rpc("duet_reseed", args=(seed,))
+        finally:
+            if deterministic:
+                await self.engine.resume_generation()
+        return await asyncio.gather(*(self._final(q) for q in queues))
 
     @staticmethod
     async def _final(queue):
@@ -146,7 +170,8 @@ class RolloutEngine:
     async def init_weight_transfer_engine(self, init_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-        await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+        async with self._vllm_call():
+            await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
     async def start_weight_update(self) -> None:
         if self.update_active:
@@ -167,7 +192,8 @@ class RolloutEngine:
     async def update_weights(self, update_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-        await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        async with self._vllm_call():
+            await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
 
     async def finish_weight_update(self, weight_version: str | None = None) -> None:
         await self.engine.finish_weight_update(weight_version=weight_version)
