@@ -46,7 +46,7 @@ StepCallback = Callable[["Trainer", dict], None]
 ENGINE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)
 # Asynchronous mode: with no group queued for this long, the loop asks whether the engines still live,
 # and every this often while it waits it says on stderr what it waits for.
-STALL_CHECK_S = 30.0
+STALL_CHECK_S = 20.0
 WAIT_NOTE_S = 60.0
 
 
@@ -236,7 +236,7 @@ class Trainer:
                         f"engines {sorted(alive)} failed a generate call but are alive: {alive}"
                     ) from self.producer.error_of(next(iter(alive)))
             elif time.monotonic() - last_group > STALL_CHECK_S:
-                self.heal_fleet(f"no group for {STALL_CHECK_S:.0f} s", timeout_s=STALL_CHECK_S / 3)
+                self.heal_fleet(f"no group for {STALL_CHECK_S:.0f} s", timeout_s=10.0)
                 last_group = time.monotonic()
             self.applied_midstep += self.control.apply(self.resize_fleet, self.checkpoint_last_step)
             got = ray.get(self.queue.take.remote(want - len(batch), self.version, 1.0))
@@ -301,6 +301,11 @@ class Trainer:
     def broadcast(self) -> dict:
         """Push the learner's weights; if an engine died during the transfer, heal_fleet replaces it and
         pushes to every engine again."""
+        # The transfer waits on every engine without a deadline, so a hung engine (silent, not dead)
+        # would hang it: ask first, with one. Replacing an engine pushes the current weights already.
+        sent = self.heal_fleet("found dead before a broadcast", timeout_s=10.0)
+        if sent is not None:
+            return sent
         try:
             return self.learner_call(self.learner.broadcast, self.version)
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError):

@@ -66,6 +66,9 @@ def test_resume_after_kill_matches_straight_run(tmp_path, model_cache, tiny_mode
         lambda: (killed / "checkpoints" / "step_000002" / "driver_state.json").exists(), what="checkpoint 2"
     )
     kill_group(p)  # SIGKILL: no clean shutdown, whatever step it was in
+    # The kill landed mid-run: the process died by the signal, before its last step.
+    assert p.returncode == -signal.SIGKILL, p.returncode
+    assert steps_done(killed) < 4 and not (killed / "checkpoints" / "step_000004").exists()
     r = subprocess.run(
         duet_cmd("train", "--resume", str(killed)), cwd=REPO, capture_output=True, text=True, timeout=600
     )
