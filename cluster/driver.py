@@ -14,6 +14,7 @@ producer (pipeline.py), scoring (scoring.py) and evaluation (evaluation.py).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -82,6 +83,8 @@ class Trainer:
         if resume and self.resume_from is None:
             raise RunStopped(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
         runtime.write_config(run_dir, cfg)
+        # Secrets are read once, here, before Ray starts: the processes Ray starts do not get them.
+        self.control_token = cfg.control.read_token()
 
     # ---- the run ----
     def run(self, on_step: StepCallback | None = None) -> Path:
@@ -96,7 +99,8 @@ class Trainer:
         try:
             self.start()
             telemetry = Telemetry(self.run_dir.name, enabled=cfg.run.ray_metrics)
-            server = start_control(self.control, cfg.control, self.run_dir)
+            control_cfg = cfg.control.model_copy(update={"token": self.control_token})
+            server = start_control(self.control, control_cfg, self.run_dir)
             if on_step is not None:
                 on_step(self, {})
             events_seen = 0
@@ -394,7 +398,8 @@ class Trainer:
     def start(self) -> None:
         """Placement, actors, the weight-transfer group; from a checkpoint with `resume`."""
         cfg, plan = self.cfg, self.plan
-        runtime.init_ray(cfg)
+        with without_secrets(cfg):
+            runtime.init_ray(cfg)
         self.learner_pg = placement_group(plan.learner_bundles, strategy="PACK")
         ray.get(self.learner_pg.ready())
         self.fleet = RolloutFleet(cfg, plan, self.model_path)
@@ -480,6 +485,19 @@ class Trainer:
         if getattr(self, "learner_pg", None) is not None:
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(self.learner_pg)
+
+
+@contextlib.contextmanager
+def without_secrets(cfg: Config) -> Iterator[None]:
+    """The driver's environment without the variables that hold its secrets (the control token's, the
+    remote reward server's), while Ray starts: Ray's processes, and every worker they start, inherit
+    the environment of the process that started them. The driver keeps them (it reads them)."""
+    names = {cfg.control.token_env, getattr(cfg.rewards, "remote_token_env", "DUET_REWARD_TOKEN")}
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def progress_line(m: dict, steps: int) -> str:
