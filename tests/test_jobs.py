@@ -17,8 +17,9 @@ import httpx
 import pytest
 import yaml
 
+from cluster import jobs
 from cluster.config import load_config
-from cluster.jobs import JOB_CONFIG, REPO_ROOT, runtime_env, stage_code, train_args
+from cluster.jobs import REPO_ROOT, runtime_env, train_args
 from cluster.metrics import read_metrics
 from tests.conftest import REPO, duet_cmd
 
@@ -178,16 +179,17 @@ def test_train_args_carry_an_outside_config_as_a_file_not_inlined(tmp_path):
     outside = tmp_path / "c.yaml"
     outside.write_text(yaml.safe_dump(tree))
     args = train_args(str(outside), None, "/runs/x", ["train.steps=3"], upload=True)
-    assert args == ["train", "--config", JOB_CONFIG, "--run-dir", "/runs/x", "train.steps=3"]
-    assert planted not in " ".join(args)
-    code = stage_code(outside, tmp_path / "staging")
-    assert (code / JOB_CONFIG).read_text() == outside.read_text()
+    assert planted not in " ".join(args)  # the job's entrypoint shows on the dashboard
+    assert args == ["train", "--config", jobs.JOB_CONFIG, "--run-dir", "/runs/x", "train.steps=3"]
+    code = jobs.stage_code(outside, tmp_path / "staging")
+    assert (code / jobs.JOB_CONFIG).read_text() == outside.read_text()
     assert (code / "cluster" / "driver.py").is_file() and not (code / ".venv").exists()
-    assert load_config(str(code / JOB_CONFIG), ["train.steps=3"]) == load_config(
+    assert load_config(str(code / jobs.JOB_CONFIG), ["train.steps=3"]) == load_config(
         str(outside), ["train.steps=3"]
     )
     renv = runtime_env(upload=True, extra_env={}, working_dir=code)
     assert renv["working_dir"] == str(code) and planted not in repr(renv)
+    assert jobs.JOB_CONFIG in " ".join(train_args(str(outside), "2-grpo", None, [], upload=True))
 
     inside = REPO_ROOT / "configs" / "2grpo_qwen2.5-math-1.5b.yaml"
     assert train_args(str(inside), None, None, [], upload=True) == [
