@@ -25,6 +25,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ASYNC = ["train.max_staleness_versions=1", "rollout.num_engines=1"]
 
 
+def running(p: subprocess.Popen, cond):
+    """`cond` for wait_for, failing at once when the run has exited (instead of waiting out the deadline)."""
+
+    def check():
+        if p.poll() is not None:
+            raise AssertionError(f"the run exited ({p.returncode}): {p.stderr.read()[-3000:]}")
+        return cond()
+
+    return check
+
+
 def engine_pid(run: Path) -> int:
     return json.loads((run / "actors.json").read_text())["engines"][0]["pid"]
 
@@ -87,12 +98,12 @@ def test_async_one_engine_killed_then_silent_is_replaced_and_control_applies(
     )
     stopped: list[int] = []
     try:
-        wait_for(lambda: steps_done(run) >= 1, what="one step")
+        wait_for(running(p, lambda: steps_done(run) >= 1), what="one step")
         first = engine_pid(run)
         os.kill(first, signal.SIGKILL)
-        wait_for(lambda: engine_pid(run) != first, what="the killed engine replaced")
+        wait_for(running(p, lambda: engine_pid(run) != first), what="the killed engine replaced")
         second = engine_pid(run)
-        wait_for(lambda: steps_done(run) >= 3, what="three steps")
+        wait_for(running(p, lambda: steps_done(run) >= 3), what="three steps")
         control = json.loads((run / "control.json").read_text())
         auth = {"Authorization": f"Bearer {control['token']}"}
         # Paused, the loop waits between steps: the SIGSTOP cannot land inside a weight transfer (which
@@ -173,15 +184,20 @@ def test_dead_vllm_processes_under_a_live_actor_are_replaced(tmp_path, model_cac
     )
     orphans: list[int] = []
     try:
-        wait_for(lambda: steps_done(run) >= 1, what="one step")
+        wait_for(running(p, lambda: steps_done(run) >= 1), what="one step")
         first = engine_pid(run)
         orphans += descendants(first)
         os.kill(vllm_process(first, "VLLM::Worker"), signal.SIGKILL)
-        wait_for(lambda: engine_pid(run) != first, what="the engine whose vLLM worker died replaced")
+        wait_for(
+            running(p, lambda: engine_pid(run) != first), what="the engine whose vLLM worker died replaced"
+        )
         second = engine_pid(run)
         orphans += descendants(second)
         os.kill(vllm_process(second, "VLLM::EngineCore"), signal.SIGKILL)
-        wait_for(lambda: engine_pid(run) != second, what="the engine whose vLLM engine core died replaced")
+        wait_for(
+            running(p, lambda: engine_pid(run) != second),
+            what="the engine whose vLLM engine core died replaced",
+        )
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
     finally:

@@ -15,6 +15,7 @@ import pytest
 
 from cluster.cli import main as duet_main
 from tests.conftest import REPO, duet_cmd
+from tests.test_faults_async import running
 from tests.test_faults_resume import steps_done, wait_for
 
 
@@ -79,7 +80,7 @@ def test_planted_tokens_leak_nowhere(tmp_path, model_cache, tiny_model):
     )
     planted = [t.encode() for t in (control_token, reward_token, unused_token)]
     try:
-        wait_for(lambda: steps_done(run) >= 1, what="one step")  # every actor is up
+        wait_for(running(p, lambda: steps_done(run) >= 1), what="one step")  # every actor is up
         driver = json.loads((run / "actors.json").read_text())["driver"]
         leaks = []
         for pid, (cmdline, environ) in _processes().items():
