@@ -116,7 +116,6 @@ def test_async_one_engine_killed_then_silent_is_replaced_and_control_applies(
             pass  # no step was in flight: the loop already waits
         stopped = [second, *descendants(second)]
         os.kill(second, signal.SIGSTOP)
-        assert httpx.post(f"{control['url']}/resume", headers=auth).status_code == 200
         assert httpx.post(f"{control['url']}/checkpoint", headers=auth).status_code == 200
         checkpoint = wait_for(
             lambda: (
@@ -127,6 +126,7 @@ def test_async_one_engine_killed_then_silent_is_replaced_and_control_applies(
             timeout_s=120,
             what="the checkpoint asked for while the only engine hangs",
         )
+        assert httpx.post(f"{control['url']}/resume", headers=auth).status_code == 200
         assert engine_pid(run) == second, "the checkpoint came only after the engine was replaced"
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
