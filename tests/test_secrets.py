@@ -105,3 +105,16 @@ def test_planted_tokens_leak_nowhere(tmp_path, model_cache, tiny_model):
             data = path.read_bytes()
             for token in planted:
                 assert token not in data or (path == control and token == planted[0]), (path, token)
+
+
+def test_ray_starts_without_the_drivers_secret_variables(monkeypatch):
+    from cluster.config import Config
+    from cluster.driver import without_secrets
+
+    monkeypatch.setenv("DUET_CONTROL_TOKEN", "c")
+    monkeypatch.setenv("DUET_REWARD_TOKEN", "r")
+    monkeypatch.setenv("HF_TOKEN", "hub")  # the engines may need it to download a model: left alone
+    with without_secrets(Config()):
+        assert "DUET_CONTROL_TOKEN" not in os.environ and "DUET_REWARD_TOKEN" not in os.environ
+        assert os.environ["HF_TOKEN"] == "hub"
+    assert os.environ["DUET_CONTROL_TOKEN"] == "c" and os.environ["DUET_REWARD_TOKEN"] == "r"
