@@ -60,6 +60,7 @@ class RolloutEngine:
         self.update_timing: dict[str, float] = {}  # the last apply_weight_update, by phase
         self.update_done = asyncio.Event()  # set while no update is open: new requests may start
         self.update_done.set()
+        self.vllm_error: str | None = None  # set when vLLM's own processes died under this actor
         args = AsyncEngineArgs(
             model=model_path,
             dtype=dtype,
@@ -90,6 +91,25 @@ class RolloutEngine:
             "node": ray.get_runtime_context().get_node_id(),
         }
 
+    def alive(self) -> bool:
+        """Whether this engine can still generate: the actor answers, and so do vLLM's processes under it.
+        A SIGKILLed `VLLM::Worker` or `VLLM::EngineCore` (a CUDA error, an out-of-memory kill) leaves the
+        actor alive but every call failing with EngineDeadError: the driver replaces such an engine."""
+        return self.vllm_error is None and not self.engine.errored
+
+    @contextlib.asynccontextmanager
+    async def _vllm_call(self):
+        """Remember that vLLM died when a call fails with EngineDeadError (or after which vLLM reports
+        itself errored): its exception reaches the driver, and `alive()` answers False from then on."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            yield
+        except BaseException as e:
+            if isinstance(e, EngineDeadError) or self.engine.errored:
+                self.vllm_error = f"{type(e).__name__}: {e}"
+            raise
+
     async def generate(
         self,
         prompts: list[Prompt],
@@ -118,22 +138,26 @@ class RolloutEngine:
         self.in_flight += len(prompts)
         version_start = self.version
         try:
-            if deterministic:
-                await self.engine.pause_generation(mode="keep", clear_cache=False)
-            try:
-                queues = [await self.engine.add_request(uuid.uuid4().hex, p.text, params) for p in prompts]
-                if deterministic and seed is not None:
-                    await self.engine.collective_rpc("duet_reseed", args=(seed,))
-            finally:
-                if deterministic:
-                    await self.engine.resume_generation()
-            finals = await asyncio.gather(*(self._final(q) for q in queues))
+            async with self._vllm_call():
+                finals = await self._generate(prompts, params, deterministic, seed)
         finally:
             self.in_flight -= len(prompts)
         groups = [self._group(p, out, version_start) for p, out in zip(prompts, finals)]
         if any(len(g) != group_size for g in groups):
             raise RuntimeError(f"a group came back with fewer than {group_size} completions")
         return groups
+
+    async def _generate(self, prompts: list[Prompt], params, deterministic: bool, seed: int | None) -> list:
+        if deterministic:
+            await self.engine.pause_generation(mode="keep", clear_cache=False)
+        try:
+            queues = [await self.engine.add_request(uuid.uuid4().hex, p.text, params) for p in prompts]
+            if deterministic and seed is not None:
+                await self.engine.collective_rpc("duet_reseed", args=(seed,))
+        finally:
+            if deterministic:
+                await self.engine.resume_generation()
+        return await asyncio.gather(*(self._final(q) for q in queues))
 
     @staticmethod
     async def _final(queue):
@@ -169,7 +193,8 @@ class RolloutEngine:
     async def init_weight_transfer_engine(self, init_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-        await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+        async with self._vllm_call():
+            await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
     async def start_weight_update(self) -> None:
         if self.update_active:
@@ -196,7 +221,8 @@ class RolloutEngine:
     async def update_weights(self, update_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-        await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        async with self._vllm_call():
+            await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
 
     async def finish_weight_update(self, weight_version: str | None = None) -> None:
         # vLLM stamps the version before generation resumes: no completion ends under the new

@@ -408,8 +408,42 @@ class ControlConfig(_Section):
     )
     token: str | None = Field(
         None,
-        description="Bearer token for state-changing calls; default: a random one in RUN_DIR/control.json.",
+        description="Bearer token for state-changing calls; default: token_file, else the token_env "
+        "variable, else a random one (in RUN_DIR/control.json, mode 0600). Refused as a command-line "
+        "override (`ps` shows it): use token_file or token_env.",
     )
+    token_file: str | None = Field(
+        None,
+        description="File whose first line is the bearer token, read by the driver at start (so the token "
+        "is on no command line and in no config file).",
+    )
+    token_env: str = Field(
+        "DUET_CONTROL_TOKEN",
+        description="Environment variable of the driver holding the bearer token (when token and "
+        "token_file are unset). The driver's Ray processes do not inherit it.",
+    )
+
+    def read_token(self) -> str | None:
+        """The bearer token from token, token_file or the token_env variable (None: none given).
+        Raises ConfigError naming control.token_file when that file cannot be read or is empty."""
+        import os
+
+        if self.token:
+            return self.token
+        if self.token_file:
+            try:
+                token = Path(self.token_file).expanduser().read_text().strip().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(
+                    f"control.token_file: cannot read {self.token_file!r} ({type(e).__name__}): give a "
+                    "readable file whose first line is the token"
+                ) from None
+            if not token or not token[0].strip():
+                raise ConfigError(
+                    f"control.token_file: {self.token_file!r} is empty: its first line is the token"
+                )
+            return token[0].strip()
+        return os.environ.get(self.token_env, "").strip() or None
 
 
 class ClusterConfig(_Section):

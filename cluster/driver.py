@@ -33,7 +33,7 @@ from cluster.data import PromptStream, load_prompts
 from cluster.evaluation import eval_metrics, eval_prompts, evaluate
 from cluster.fleet import RolloutFleet
 from cluster.metrics import MetricsWriter
-from cluster.pipeline import RolloutProducer
+from cluster.pipeline import RolloutProducer, failure_name
 from cluster.placement import make_plan
 from cluster.preflight import check_plan, check_run_dir, node_addresses, wait_placed
 from cluster.records import Prompt, ScoredGroup
@@ -44,6 +44,13 @@ from learner.group import LearnerGroup
 from rewards.pool import RewardPool
 
 StepCallback = Callable[["Trainer", dict], None]
+# What a call on an engine raises when the engine died: its actor (RayActorError), or vLLM's processes
+# under a live actor (RayTaskError wrapping EngineDeadError). Which one it was, heal_fleet asks the fleet.
+ENGINE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)
+# Asynchronous mode: with no group queued for this long, the loop asks whether the engines still live,
+# and every this often while it waits it says on stderr what it waits for.
+STALL_CHECK_S = 20.0
+WAIT_NOTE_S = 60.0
 
 
 def train(
@@ -72,11 +79,14 @@ class Trainer:
         self.version = 0
         self.control = RunControl(run_dir)
         self.producer: RolloutProducer | None = None  # asynchronous mode only
+        self.applied_midstep: list[dict] = []  # control requests applied while a step waited for data
         self.timeline: list[dict] = []  # who was busy when: engines, rewards, learner, broadcast
         self.resume_from = latest_checkpoint(run_dir) if resume else None
         if resume and self.resume_from is None:
             raise RunStopped(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
         runtime.write_config(run_dir, cfg)
+        # Secrets are read once, here, before Ray starts: the processes Ray starts do not get them.
+        self.control_token = cfg.control.read_token()
 
     # ---- the run ----
     def run(self, on_step: StepCallback | None = None) -> Path:
@@ -94,7 +104,8 @@ class Trainer:
         try:
             self.start()
             telemetry = Telemetry(self.run_dir.name, enabled=cfg.run.ray_metrics)
-            server = start_control(self.control, cfg.control, self.run_dir)
+            control_cfg = cfg.control.model_copy(update={"token": self.control_token})
+            server = start_control(self.control, control_cfg, self.run_dir)
             if on_step is not None:
                 on_step(self, {})
             events_seen = 0
@@ -109,7 +120,8 @@ class Trainer:
                 events = self.fleet.events + [
                     dict(e, component="reward_worker") for e in self.rewards.replaced
                 ]
-                metrics["events"] = events[events_seen:] + applied
+                metrics["events"] = events[events_seen:] + applied + self.applied_midstep
+                self.applied_midstep = []
                 events_seen = len(events)
                 if on_step is not None:
                     on_step(self, metrics)
@@ -186,8 +198,9 @@ class Trainer:
             engine_id, chunk = pending.pop(ref)
             try:
                 groups = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                self.heal_fleet(f"died mid-step: {type(e).__name__}")  # (may have replaced it already)
+            except ENGINE_FAILURES as e:
+                # RayActorError: the actor died; RayTaskError(EngineDeadError): vLLM's own processes did.
+                self.heal_fleet(f"died mid-step: {failure_name(e)}")  # (may have replaced it already)
                 if engine_id in self.fleet.ids:  # it answers a liveness call: not a death to mend
                     raise
                 submit(chunk)
@@ -211,21 +224,56 @@ class Trainer:
 
     def rollout_async(self) -> tuple[list[ScoredGroup], list[ScoredGroup], dict]:
         """Take the next `prompts_per_step` groups the producer queued, at most k versions old. Returns
-        (batch, every group scored since the last step, timings and staleness)."""
+        (batch, every group scored since the last step, timings and staleness).
+
+        The wait has deadlines: an engine whose generate call failed is replaced at once (heal_fleet); with
+        no group for STALL_CHECK_S the engines' liveness is checked (a silent death, one engine or many);
+        control requests are applied meanwhile; every WAIT_NOTE_S a line on stderr says what it waits for.
+        """
         want, t0 = self.cfg.rollout.prompts_per_step, time.perf_counter()
         batch: list[ScoredGroup] = []
+        last_group = last_note = time.monotonic()
         while len(batch) < want:
             if self.producer.error is not None:
                 raise self.producer.error
             lost = self.producer.lost_engines()
             if lost:
-                self.heal_fleet(f"died mid-step (engines {lost})")
-                if set(lost) & set(self.fleet.ids):
-                    raise RuntimeError(f"engines {lost} failed a generate call but answer a liveness call")
-            batch += ray.get(self.queue.take.remote(want - len(batch), self.version, 1.0))
+                self.heal_fleet(f"died mid-step: {', '.join(sorted(set(lost.values())))}")
+                alive = {i: e for i, e in lost.items() if i in self.fleet.ids}
+                if alive:  # it failed a call but still answers: not a death to mend
+                    raise RuntimeError(
+                        f"engines {sorted(alive)} failed a generate call but are alive: {alive}"
+                    ) from self.producer.error_of(next(iter(alive)))
+            elif time.monotonic() - last_group > STALL_CHECK_S:
+                self.heal_fleet(f"no group for {STALL_CHECK_S:.0f} s", timeout_s=10.0)
+                last_group = time.monotonic()
+            self.applied_midstep += self.control.apply(self.resize_fleet, self.checkpoint_last_step)
+            got = ray.get(self.queue.take.remote(want - len(batch), self.version, 1.0))
+            now = time.monotonic()
+            if got:
+                last_group = now
+            batch += got
+            if now - last_note > WAIT_NOTE_S and len(batch) < want:
+                last_note = now
+                print(
+                    f"duet: step {self.step} waits {now - t0:.0f} s for data: {len(batch)}/{want} groups; "
+                    f"{self.producer.describe()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         metrics = {"time/wait_data_s": time.perf_counter() - t0, "time/generate_s": 0.0, "time/reward_s": 0.0}
         metrics.update(staleness_metrics(batch, self.version))
         return batch, self.producer.take_scored(), metrics
+
+    def checkpoint_last_step(self) -> Path:
+        """A checkpoint asked for while a step waits for its data: of the last step trained (the one being
+        assembled has changed nothing yet)."""
+        self.step -= 1
+        try:
+            done = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+            return done if (done / "driver_state.json").exists() else self.save_checkpoint()
+        finally:
+            self.step += 1
 
     def learn(
         self, batch: list[ScoredGroup], scored: list[ScoredGroup], metrics: dict, t_step: float
@@ -263,6 +311,11 @@ class Trainer:
     def broadcast(self, checksum: bool = True) -> dict:
         """Push the learner's weights (hashing the bytes only when this step is checked); if an engine died
         during the transfer, heal_fleet replaces it and pushes to every engine again."""
+        # The transfer waits on every engine (up to its deadline), so a hung engine (silent, not dead)
+        # would stall it: ask first, with a short one. Replacing an engine pushes the current weights.
+        sent = self.heal_fleet("found dead before a broadcast", timeout_s=10.0)
+        if sent is not None:
+            return sent
         try:
             return self.learner_call(self.learner.broadcast, self.version, checksum)
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError):
@@ -306,22 +359,22 @@ class Trainer:
         )
 
     # ---- engine recovery: the one path ----
-    def heal_fleet(self, reason: str) -> dict | None:
-        """Replace the engines that died (found by a cheap call with a deadline), reconnect and push the
-        current weights. Returns the broadcast's result, or None when every engine was alive."""
-        dead = self.fleet.dead_slots()
+    def heal_fleet(self, reason: str, timeout_s: float = 30.0) -> dict | None:
+        """Replace the engines that died (found by a cheap call answered within `timeout_s`), reconnect and
+        push the current weights. Returns the broadcast's result, or None when every engine was alive."""
+        dead = self.fleet.dead_slots(timeout_s)
         if not dead:
             return None
         with self.producer_held():
-            for k in dead:
-                self.fleet.replace(k, reason, self.version)
+            for k, what in dead.items():
+                self.fleet.replace(k, f"{reason}: {what}", self.version, answers=what == "vLLM died")
             return self.reconnect_fleet()
 
     def healing(self, fn: Callable[[], Any], reason: str) -> Any:
         """Run `fn()`; if an engine died meanwhile, heal the fleet and run it again."""
         try:
             return fn()
-        except ray.exceptions.RayActorError:
+        except ENGINE_FAILURES:
             if self.heal_fleet(reason) is None:
                 raise
             return fn()
@@ -352,7 +405,8 @@ class Trainer:
         """Placement, actors, the weight-transfer group; from a checkpoint with `resume`."""
         cfg = self.cfg
         connects_here = not ray.is_initialized()
-        runtime.init_ray(cfg)
+        with without_secrets(cfg):  # Ray's workers inherit the driver's environment: not our tokens
+            runtime.init_ray(cfg)
         if connects_here:  # a Ray someone else set up in this process (tests, benchmarks): not announced
             dashboard.announce(self.run_dir, cfg.run, local=not os.environ.get("RAY_ADDRESS"))
         # Fails in seconds, naming what is missing, when the cluster cannot hold the plan.
@@ -458,6 +512,19 @@ class Trainer:
         if getattr(self, "learner_pg", None) is not None:
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(self.learner_pg)
+
+
+@contextlib.contextmanager
+def without_secrets(cfg: Config) -> Iterator[None]:
+    """The driver's environment without the variables that hold its secrets (the control token's, the
+    remote reward server's), while Ray starts: Ray's processes, and every worker they start, inherit
+    the environment of the process that started them. The driver keeps them (it reads them)."""
+    names = {cfg.control.token_env, getattr(cfg.rewards, "remote_token_env", "DUET_REWARD_TOKEN")}
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def progress_line(m: dict, steps: int) -> str:

@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.rollout_engine import RolloutEngine
 from cluster.config import Config, SamplingConfig
-from cluster.liveness import ANSWERED, poll
+from cluster.liveness import DEAD, SILENT, poll
 from cluster.placement import Plan
 from cluster.preflight import wait_placed
 from cluster.records import Prompt
@@ -136,13 +136,15 @@ class RolloutFleet:
         self.events.append(change)
         return change
 
-    def replace(self, k: int, reason: str, version: int) -> None:
-        """Start a new engine in slot k (its old placement group released)."""
+    def replace(self, k: int, reason: str, version: int, answers: bool = False) -> None:
+        """Start a new engine in slot k (its old placement group released). `answers`: the old actor
+        still answers calls (only vLLM under it died)."""
         old_id = self.ids[k]
-        try:
+        if answers:  # its vLLM died under it: the actor shuts down what is left of vLLM's processes
+            with contextlib.suppress(Exception):
+                ray.get(self.engines[k].shutdown.remote(), timeout=10)
+        with contextlib.suppress(Exception):  # already dead
             ray.kill(self.engines[k])
-        except Exception:  # already dead
-            pass
         remove_placement_group(self.groups[k])
         i, e, pg = self._start_one(version)
         ray.get(e.ready.remote())
@@ -160,10 +162,20 @@ class RolloutFleet:
         For reporting only: decisions that need every engine's answer call the engines directly."""
         return [value for _, value in poll([getattr(e, method).remote() for e in self.engines], timeout_s)]
 
-    def dead_slots(self, timeout_s: float = 30.0) -> list[int]:
-        """Slots whose engine does not answer a trivial call (its process died, or it hangs)."""
-        verdicts = poll([e.load.remote() for e in self.engines], timeout_s)
-        return [k for k, (verdict, _) in enumerate(verdicts) if verdict != ANSWERED]
+    def dead_slots(self, timeout_s: float = 30.0) -> dict[int, str]:
+        """Slots whose engine cannot generate, with what is wrong: its actor died (`actor died`) or hangs
+        (`no answer in N s`), or the actor lives but vLLM's own processes under it died (`vLLM died`:
+        `alive()` answers False)."""
+        verdicts = poll([e.alive.remote() for e in self.engines], timeout_s)
+        dead = {}
+        for k, (verdict, alive) in enumerate(verdicts):
+            if verdict == DEAD:
+                dead[k] = "actor died"
+            elif verdict == SILENT:
+                dead[k] = f"no answer in {timeout_s:.0f} s"
+            elif not alive:
+                dead[k] = "vLLM died"
+        return dead
 
     def versions(self) -> list[int | None]:
         """Each engine's loaded policy version; None for an engine that is dead."""

@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fnmatch
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from cluster.config import PRESETS, ConfigError, deep_merge, load_config
+from cluster.cli import refuse_secret_overrides
+from cluster.config import PRESETS, ConfigError, load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding cluster/, actors/, learner/, rewards/
@@ -83,20 +85,8 @@ def default_address() -> str:
     return addr if addr.startswith(("http://", "https://")) else DEFAULT_ADDRESS
 
 
-def _yaml_value(value) -> str:
-    """One value spelled so that `_set_dotted`'s yaml.safe_load gives it back unchanged."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
-    return text[: -len("...")].strip() if text.endswith("\n...") else text
-
-
-def _flatten(tree: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out += _flatten(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={_yaml_value(value)}")
-    return out
+# An outside config travels inside the job's uploaded code under this name (see train_args).
+JOB_CONFIG = ".duet-job-config.yaml"
 
 
 def train_args(
@@ -104,44 +94,67 @@ def train_args(
 ) -> list[str]:
     """The `train` arguments the job runs with.
 
-    A config file inside the uploaded code is passed by its relative path. Any other would not exist
-    on the cluster, so its contents become dotted overrides placed before the user's, which keeps
-    load_config's precedence: defaults < presets < file < overrides. Without upload the path is passed
-    as given: it must exist on the head (relative to the directory its `ray start` ran in).
+    A config file inside the uploaded code is passed by its relative path. Any other would not exist on
+    the cluster: it travels as a file in the job's uploaded code (`stage_code` puts it there as
+    JOB_CONFIG), never inlined into the entrypoint, which the dashboard shows to anyone who can see the
+    job. Without upload the path is passed as given: it must exist on the head (relative to the directory
+    its `ray start` ran in).
     """
     args: list[str] = []
-    file_overrides: list[str] = []
     if config is not None:
         path = Path(config).expanduser().resolve()
-        rel = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else None
         if not upload:
             args += ["--config", config]
-        elif rel is not None and rel.parts[0] not in UPLOAD_EXCLUDES:
-            args += ["--config", rel.as_posix()]
         else:
-            tree = yaml.safe_load(path.read_text()) or {}
-            file_preset = tree.pop("preset", None)
-            if file_preset is not None and preset is not None:  # both: the CLI's keys win, as in load_config
-                file_overrides = _flatten(deep_merge(PRESETS[file_preset], PRESETS[preset]))
-                preset = None
-            elif file_preset is not None:
-                preset = file_preset
-            file_overrides += _flatten(tree)
+            rel = _inside_upload(path)
+            args += ["--config", rel.as_posix() if rel is not None else JOB_CONFIG]
     if preset is not None:
         args += ["--preset", preset]
     if run_dir is not None:
         args += ["--run-dir", run_dir]
-    return ["train", *args, *file_overrides, *overrides]
+    return ["train", *args, *overrides]
 
 
-def runtime_env(upload: bool, extra_env: dict[str, str]) -> dict:
+def _inside_upload(path: Path) -> Path | None:
+    """`path` relative to the uploaded code, or None when it is not uploaded (outside, or excluded)."""
+    if not path.is_relative_to(REPO_ROOT):
+        return None
+    rel = path.relative_to(REPO_ROOT)
+    excluded = any(
+        fnmatch.fnmatch(part, pattern.removeprefix("**/"))
+        for part in rel.parts
+        for pattern in UPLOAD_EXCLUDES
+    ) or any(rel.as_posix().startswith(pattern + "/") for pattern in UPLOAD_EXCLUDES)
+    return None if excluded else rel
+
+
+def stage_code(config: Path, into: Path) -> Path:
+    """A copy of the code to upload (UPLOAD_EXCLUDES left out) with `config` added as JOB_CONFIG; returns
+    the folder to give as the job's working_dir."""
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        rel = Path(folder).relative_to(REPO_ROOT)
+        return {
+            name
+            for name in names
+            if any(fnmatch.fnmatch(name, pattern.removeprefix("**/")) for pattern in UPLOAD_EXCLUDES)
+            or (rel / name).as_posix() in UPLOAD_EXCLUDES
+        }
+
+    code = into / "code"
+    shutil.copytree(REPO_ROOT, code, ignore=ignore, symlinks=True)
+    shutil.copyfile(config, code / JOB_CONFIG)
+    return code
+
+
+def runtime_env(upload: bool, extra_env: dict[str, str], working_dir: Path = REPO_ROOT) -> dict:
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES) and "TOKEN" not in k}
     env["PYTHONUNBUFFERED"] = "1"  # progress lines reach `duet logs` as they are printed
     env[PYTHON_CHECK_ENV] = _PYTHON_CHECK  # run by the entrypoint's first command
     env.update(extra_env)
     renv: dict = {"env_vars": env}
     if upload:
-        renv["working_dir"] = str(REPO_ROOT)
+        renv["working_dir"] = str(working_dir)
         renv["excludes"] = UPLOAD_EXCLUDES
     return renv
 
@@ -247,6 +260,7 @@ def submit_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     upload = not args.no_upload
     try:
+        refuse_secret_overrides(args.overrides)
         if args.config is None or Path(args.config).expanduser().exists():
             load_config(args.config, args.overrides, args.preset)  # fail here, not minutes into the job
         elif upload:  # without upload the path is the cluster's: it need not exist here
@@ -264,11 +278,18 @@ def submit_main(argv: list[str]) -> int:
         )
     command = entrypoint(args.python, argv_train)
 
+    outside = upload and args.config is not None and JOB_CONFIG in argv_train
+
     def go() -> int:
         client = job_client(args.address)
-        job_id = client.submit_job(
-            entrypoint=command, runtime_env=runtime_env(upload, extra_env), submission_id=args.job_id
-        )
+        with tempfile.TemporaryDirectory(prefix="duet-submit-") as staging:
+            # submit_job uploads the working_dir before it returns: the staged copy can go afterwards.
+            code = stage_code(Path(args.config).expanduser(), Path(staging)) if outside else REPO_ROOT
+            job_id = client.submit_job(
+                entrypoint=command,
+                runtime_env=runtime_env(upload, extra_env, code),
+                submission_id=args.job_id,
+            )
         print(job_id, flush=True)
         return 0 if args.no_wait else follow(client, job_id)
 

@@ -57,7 +57,7 @@ class RolloutProducer:
         self._pending: dict = {}  # ObjectRef -> (engine id, prompts, submitted at)
         self._scoring: list[tuple[Scoring, float]] = []  # (scoring, started at)
         self._scored: list[ScoredGroup] = []  # scored since the last take_scored()
-        self._lost: set[int] = set()  # ids of engines whose generate call failed
+        self._lost: dict[int, BaseException] = {}  # engine id -> how its generate call failed
         self._lock = threading.Lock()
         self._hold = threading.Event()  # set: submit nothing new (fleet changes, shutdown)
         self._stopped = threading.Event()
@@ -78,10 +78,30 @@ class RolloutProducer:
             scored, self._scored = self._scored, []
         return scored
 
-    def lost_engines(self) -> list[int]:
-        """Ids of fleet engines whose generate call failed: dead, for the driver's heal_fleet to replace."""
+    def lost_engines(self) -> dict[int, str]:
+        """Fleet engines whose generate call failed (id -> the failure's name): dead, most likely, for the
+        driver's heal_fleet to replace (an actor that died, or vLLM's processes under a live actor)."""
         with self._lock:
-            return [i for i in self.fleet.ids if i in self._lost]
+            return {i: failure_name(self._lost[i]) for i in self.fleet.ids if i in self._lost}
+
+    def error_of(self, engine_id: int) -> BaseException | None:
+        """How engine `engine_id`'s generate call failed (None: it did not)."""
+        with self._lock:
+            return self._lost.get(engine_id)
+
+    def describe(self) -> str:
+        """What the producer is doing, for the driver's note when a step waits long for data."""
+        with self._lock:
+            per_engine = {i: 0 for i in self.fleet.ids}
+            for engine_id, prompts, _ in self._pending.values():
+                per_engine[engine_id] = per_engine.get(engine_id, 0) + len(prompts)
+            scoring = sum(len(s.prompts) for s, _ in self._scoring)
+            lost = sorted(self._lost)
+        held = " (held: the fleet is changing)" if self._hold.is_set() else ""
+        return (
+            f"prompts generating per engine {per_engine}, {scoring} groups being scored, "
+            f"engines failed {lost or 'none'}{held}"
+        )
 
     @contextlib.contextmanager
     def held(self, drain: bool = False, timeout_s: float = 300.0) -> Iterator[None]:
@@ -147,20 +167,21 @@ class RolloutProducer:
                 engine_id, prompts, t0 = self._pending.pop(ref)
             try:
                 groups = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                self._engine_lost(engine_id, prompts)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                # The actor died, or vLLM under it (EngineDeadError); the driver tells which and heals.
+                self._engine_lost(engine_id, prompts, e)
                 continue
             self.timeline.append({"component": f"engine {engine_id}", "start": t0, "end": time.time()})
             scoring = Scoring(self.rewards, prompts, groups, self.cfg.rewards.verifier, self.cfg.algorithm)
             with self._lock:
                 self._scoring.append((scoring, time.time()))
 
-    def _engine_lost(self, engine_id: int, prompts: list[Prompt]) -> None:
+    def _engine_lost(self, engine_id: int, prompts: list[Prompt], error: BaseException) -> None:
         """The engine died: its prompts go back to the front of the stream (none lost, none twice); it
         gets nothing more until the driver's heal_fleet replaces it."""
         self.prompts.give_back(prompts)
         with self._lock:
-            self._lost.add(engine_id)
+            self._lost[engine_id] = error
 
     def _collect_scores(self) -> None:
         with self._lock:
@@ -173,3 +194,9 @@ class RolloutProducer:
             with self._lock:
                 self._scored.extend(scored)
                 self._scoring.remove(entry)
+
+
+def failure_name(e: BaseException) -> str:
+    """The name of what failed: `EngineDeadError` for a RayTaskError wrapping it, else the error's own."""
+    cause = getattr(e, "cause", None)
+    return type(cause).__name__ if isinstance(e, ray.exceptions.RayTaskError) and cause else type(e).__name__

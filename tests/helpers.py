@@ -148,6 +148,21 @@ def start_train(run_dir: Path, *args: str, model_cache: Path) -> subprocess.Pope
     )
 
 
+# A short `duet train` for fault tests: 16 prompts a step, no progress lines.
+SMALL_RUN = ["rollout.prompts_per_step=16", "run.progress=false"]
+
+
+def running(p: subprocess.Popen, cond):
+    """`cond` for wait_for, failing at once when the run has exited (instead of waiting out the deadline)."""
+
+    def check():
+        if p.poll() is not None:
+            raise AssertionError(f"the run exited ({p.returncode}): {p.stderr.read()[-3000:]}")
+        return cond()
+
+    return check
+
+
 def steps_done(run_dir: Path) -> int:
     """Steps in the run's metrics.jsonl so far (0 before the file exists or while a line is half written)."""
     from cluster.metrics import read_metrics

@@ -14,11 +14,11 @@ import pytest
 from safetensors.torch import load_file
 
 from cluster.metrics import read_metrics
-from tests.helpers import run_duet, start_train, steps_done, wait_for
+from tests.helpers import SMALL_RUN, run_duet, start_train, steps_done, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SMALL = ["rollout.prompts_per_step=16", "run.progress=false"]
+SMALL = SMALL_RUN
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -38,6 +38,9 @@ def test_resume_after_kill_matches_straight_run(tmp_path, model_cache, tiny_mode
         proc=p,
     )
     kill_group(p)  # SIGKILL: no clean shutdown, whatever step it was in
+    # The kill landed mid-run: the process died by the signal, before its last step.
+    assert p.returncode == -signal.SIGKILL, p.returncode
+    assert steps_done(killed) < 4 and not (killed / "checkpoints" / "step_000004").exists()
     r = run_duet("train", "--resume", str(killed))
     assert r.returncode == 0, r.stderr[-3000:]
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+from cluster import jobs
 from cluster.config import load_config
 from cluster.jobs import REPO_ROOT, runtime_env, train_args
 from cluster.metrics import read_metrics
@@ -111,11 +112,17 @@ def _duet(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedPro
 @pytest.mark.integration
 @pytest.mark.slow
 def test_submit_trains_on_the_cluster_with_auth_on(ray_head, tmp_path, model_cache, tiny_model):
-    address, _, env = ray_head
+    address, ray_token, env = ray_head
     run_dir = tmp_path / "run"
-    # A config file outside the uploaded repository: it travels as overrides.
+    # A config file outside the uploaded repository: it travels as a file in the uploaded code, and the
+    # secret in it shows neither in the job's entrypoint nor in its runtime env.
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({"train": {"steps": 2}, "rollout": {"prompts_per_step": 16}}))
+    planted = secrets.token_hex(16)
+    config.write_text(
+        yaml.safe_dump(
+            {"train": {"steps": 2}, "rollout": {"prompts_per_step": 16}, "control": {"token": planted}}
+        )
+    )
     t0 = time.monotonic()
     proc = _duet(
         env,
@@ -130,6 +137,9 @@ def test_submit_trains_on_the_cluster_with_auth_on(ray_head, tmp_path, model_cac
     assert "SUCCEEDED" in proc.stderr
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
     assert all(m["rollouts"] == 2 * 16 for m in read_metrics(run_dir))
+
+    info = httpx.get(f"{address}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {ray_token}"})
+    assert info.status_code == 200 and job_id in info.text and planted not in info.text
 
     status = _duet(env, "status", "--job", job_id, "--address", address)
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout, status.stderr
@@ -251,26 +261,27 @@ def test_entrypoint_checks_its_python_first(tmp_path):
     assert r.returncode == 2 and "duet train: data.path: /nonexistent/x.jsonl does not exist" in r.stderr, r
 
 
-def test_train_args_carry_an_outside_config_as_overrides(tmp_path):
+def test_train_args_carry_an_outside_config_as_a_file_not_inlined(tmp_path):
+    planted = secrets.token_hex(16)
     tree = {
         "preset": "dr-grpo",
         "rollout": {"group_size": 4, "temperature": 0.7},
-        "data": {"prompt_template": "Q: {problem}\nA: it's"},
-        "learner": {"betas": [0.9, 0.95]},
-        "eval": {"path": None},
+        "control": {"token": planted},
     }
     outside = tmp_path / "c.yaml"
     outside.write_text(yaml.safe_dump(tree))
     args = train_args(str(outside), None, "/runs/x", ["train.steps=3"], upload=True)
-    assert args[:5] == ["train", "--preset", "dr-grpo", "--run-dir", "/runs/x"]
-    overrides = args[5:]
-    assert overrides[-1] == "train.steps=3"  # the user's come last: they win
-    expected = load_config(str(outside), ["train.steps=3"])
-    assert load_config(None, overrides, "dr-grpo") == expected
-    # a preset on the command line too: the file's preset still fills what the CLI's leaves unset
-    both = train_args(str(outside), "2-grpo", None, [], upload=True)
-    assert "--preset" not in both
-    assert load_config(None, both[1:]) == load_config(str(outside), None, "2-grpo")
+    assert planted not in " ".join(args)  # the job's entrypoint shows on the dashboard
+    assert args == ["train", "--config", jobs.JOB_CONFIG, "--run-dir", "/runs/x", "train.steps=3"]
+    code = jobs.stage_code(outside, tmp_path / "staging")
+    assert (code / jobs.JOB_CONFIG).read_text() == outside.read_text()
+    assert (code / "cluster" / "driver.py").is_file() and not (code / ".venv").exists()
+    assert load_config(str(code / jobs.JOB_CONFIG), ["train.steps=3"]) == load_config(
+        str(outside), ["train.steps=3"]
+    )
+    renv = runtime_env(upload=True, extra_env={}, working_dir=code)
+    assert renv["working_dir"] == str(code) and planted not in repr(renv)
+    assert jobs.JOB_CONFIG in " ".join(train_args(str(outside), "2-grpo", None, [], upload=True))
 
     inside = REPO_ROOT / "configs" / "2grpo_qwen2.5-math-1.5b.yaml"
     assert train_args(str(inside), None, None, [], upload=True) == [
