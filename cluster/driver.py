@@ -24,8 +24,13 @@ import ray
 from ray.util.placement_group import placement_group
 
 from actors.replay_queue import ReplayQueue
-from cluster import runtime
-from cluster.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+from cluster import faults, runtime
+from cluster.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 from cluster.config import Config
 from cluster.control import RunControl, start_control
 from cluster.data import PromptStream, load_prompts
@@ -37,6 +42,7 @@ from cluster.placement import make_plan
 from cluster.records import Prompt, ScoredGroup
 from cluster.scoring import Scoring, group_metrics, staleness_metrics
 from cluster.telemetry import Telemetry
+from cluster.watchdog import Watchdog
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
 
@@ -48,7 +54,7 @@ def train(
 ) -> Path:
     """Run `cfg.train.steps` steps (from the last checkpoint of `run_dir` with `resume`); returns the
     run directory. `on_step`: see `Trainer.run`."""
-    return Trainer(cfg, runtime.new_run_dir(cfg, run_dir), resume=resume).run(on_step)
+    return Trainer(cfg, runtime.new_run_dir(cfg, run_dir, resume), resume=resume).run(on_step)
 
 
 class RunStopped(RuntimeError):
@@ -60,6 +66,7 @@ class Trainer:
     train.max_staleness_versions = k > 0, asynchronous with data at most k versions old."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False) -> None:
+        runtime.check_run_dir(run_dir, resume)  # one run per folder, refused before anything starts
         self.cfg, self.run_dir = cfg, run_dir
         self.plan = make_plan(cfg)
         self.model_path = runtime.resolve_model(cfg)
@@ -67,7 +74,8 @@ class Trainer:
         self.eval_set = eval_prompts(cfg) if cfg.eval.every_steps else None
         self.step = 0
         self.version = 0
-        self.control = RunControl(run_dir)
+        self.control = RunControl(run_dir, cfg.rollout.max_engines)
+        self.watchdog = Watchdog(cfg.watchdog)
         self.producer: RolloutProducer | None = None  # asynchronous mode only
         self.timeline: list[dict] = []  # who was busy when: engines, rewards, learner, broadcast
         self.resume_from = latest_checkpoint(run_dir) if resume else None
@@ -83,10 +91,13 @@ class Trainer:
         policy), then after every step with its metrics before they are written (it may add to them).
         """
         cfg = self.cfg
-        writer = MetricsWriter(self.run_dir)
+        writer = None
         server = None
         try:
             self.start()
+            # Opened after a resume loaded its checkpoint: TensorBoard events of the steps it redoes are
+            # superseded (metrics.jsonl was truncated to the checkpoint's step by start()).
+            writer = MetricsWriter(self.run_dir, purge_step=self.step + 1 if self.resume_from else None)
             telemetry = Telemetry(self.run_dir.name, enabled=cfg.run.ray_metrics)
             server = start_control(self.control, cfg.control, self.run_dir)
             if on_step is not None:
@@ -107,7 +118,9 @@ class Trainer:
                 events_seen = len(events)
                 if on_step is not None:
                     on_step(self, metrics)
+                faults.point("step.before_metrics", self.step)
                 writer.write(metrics)
+                faults.point("step.after_metrics", self.step)
                 engine_versions = dict(zip(self.fleet.ids, self.fleet.versions()))
                 telemetry.record_step(metrics, engine_versions, metrics["queue"])
                 self.control.publish(self.step, cfg.train.steps, self.version, engine_versions, metrics)
@@ -115,12 +128,18 @@ class Trainer:
                     print(progress_line(metrics, cfg.train.steps), file=sys.stderr, flush=True)
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save_checkpoint()
+                stop = self.watchdog.observe(metrics)
+                if stop is not None:
+                    raise RunStopped(
+                        f"watchdog: {stop} (step {self.step}; watchdog.enabled=false turns it off)"
+                    )
             if cfg.checkpoint.final:
                 self.save_checkpoint(export=True)
         finally:
             if self.producer is not None:
                 self.producer.stop()
-            writer.close()
+            if writer is not None:
+                writer.close()
             if server is not None:
                 server.stop()
             runtime.write_timeline(
@@ -134,6 +153,7 @@ class Trainer:
         """One optimizer step: a batch of `rollout.prompts_per_step` groups, then learn on it."""
         t_step = time.perf_counter()
         batch, scored, metrics = self.rollout_async() if self.producer else self.rollout_sync()
+        faults.point("step.after_generate", self.step)
         return self.learn(batch, scored, metrics, t_step)
 
     def rollout_sync(self) -> tuple[list[ScoredGroup], list[ScoredGroup], dict]:
@@ -152,8 +172,12 @@ class Trainer:
             for key in metrics:
                 metrics[key] += timing[key]
             scored += groups
-            ray.get(self.queue.put.remote(groups))
-            batch += ray.get(self.queue.take.remote(want - len(batch), self.version, None))
+            # In slices the queue can hold, each taken before the next is put: `put` waits while the
+            # queue is full, and nothing else takes in the synchronous loop.
+            cap = cfg.train.queue_capacity_groups
+            for i in range(0, len(groups), cap):
+                ray.get(self.queue.put.remote(groups[i : i + cap]))
+                batch += ray.get(self.queue.take.remote(cap, self.version, None))
             rounds += 1
             if not cfg.algorithm.refill or len(batch) >= want or rounds >= cfg.algorithm.max_refill_rounds:
                 break
@@ -229,9 +253,13 @@ class Trainer:
         if batch:
             t0 = time.perf_counter()
             metrics.update(self.learner_call(self.learner.train_step, batch))
+            faults.point("step.after_learn", self.step)
             t1 = time.perf_counter()
             self.version += 1
+            timer = faults.point_later("broadcast.mid", self.step, faults.BROADCAST_DELAY_S)
             sent = self.broadcast()
+            if timer is not None:
+                timer.join()  # a transfer shorter than the delay: die right after it, before anything else
             t2 = time.perf_counter()
             metrics.update({"time/train_s": t1 - t0, "time/broadcast_s": t2 - t1})
             now = time.time()
@@ -246,7 +274,7 @@ class Trainer:
                     "time/train_s": 0.0,
                     "time/broadcast_s": 0.0,
                     "train/skipped": True,
-                    "sync/checksum_match": True,
+                    "sync/checksum_match": True,  # nothing was sent: the engines hold the checked weights
                 }
             )
         metrics["time/step_s"] = time.perf_counter() - t_step
@@ -270,7 +298,7 @@ class Trainer:
         vLLM's per-parameter checksums agree between engines, and every engine reports the new version."""
         every = self.cfg.train.check_weights_every_steps
         if not every or self.version % every:
-            return {}
+            return {"sync/checksum_match": None}  # not checked this step (progress line: "unchecked")
 
         def check() -> dict:
             versions = ray.get([e.weight_version.remote() for e in self.fleet.engines])
@@ -354,12 +382,21 @@ class Trainer:
         )
         self.learner = LearnerGroup(cfg, self.model_path, self.learner_pg, plan.device, plan.learner_threads)
         self.fleet.start(cfg.rollout.num_engines, self.version)
+        if self.control.max_engines is None:
+            self.control.max_engines = runtime.engines_the_cluster_holds(plan, cfg.rollout.num_engines)
         self.connect_fleet()
         if self.resume_from is not None:
             state = self.learner_call(load_checkpoint, self.resume_from, self.learner)
             self.step, self.version = state["step"], state["policy_version"]
+            print(
+                f"duet train: resuming from {self.resume_from} (step {self.step})",
+                file=sys.stderr,
+                flush=True,
+            )
             self.prompts.load_state(state["prompts"])
+            self.watchdog.load_state(state.get("watchdog"))
             self.learner_call(self.learner.broadcast, self.version)  # engines start from the checkpoint
+            faults.point("resume.after_load", self.step)
             truncate_metrics(self.run_dir, self.step)
         self.write_actors()
         if cfg.train.max_staleness_versions > 0:
@@ -397,6 +434,7 @@ class Trainer:
             "step": self.step,
             "policy_version": self.version,
             "prompts": self.prompts.state(),
+            "watchdog": self.watchdog.state(),
             # Sampling RNG is reseeded per step from (run.seed, step), so the step number restores it.
             "rng": {"scheme": "engines reseeded from run.seed and the step", "seed": self.cfg.run.seed},
         }
@@ -437,5 +475,10 @@ def progress_line(m: dict, steps: int) -> str:
         f"step {m['step']:>3}/{steps}  v{m['policy_version']}  reward {m['reward/mean']:.3f}  "
         f"signal {m['groups/with_signal']}/{m['groups/total']}  loss {m.get('train/loss', 0.0):+.4f}  "
         f"gen {m['time/generate_s']:.1f}s  train {m['time/train_s']:.1f}s  bcast {m['time/broadcast_s']:.2f}s  "
-        f"sync {'ok' if m.get('sync/checksum_match') else 'MISMATCH'}"
+        f"sync {_sync_word(m.get('sync/checksum_match'))}"
     )
+
+
+def _sync_word(match: bool | None) -> str:
+    """None: the step's weights were not compared (train.check_weights_every_steps, or no update)."""
+    return "unchecked" if match is None else "ok" if match else "MISMATCH"

@@ -4,23 +4,40 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+
+from cluster import faults
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    """Appends one row per step to metrics.jsonl and its scalars to TensorBoard.
+
+    `purge_step` (a resumed run: the first step it will redo): TensorBoard events of that step and later,
+    written by the run that crashed, are superseded: the writer records a purge marker (TensorBoard's
+    `file_version` event with `purge_step`) and TensorBoard hides every older event at or after it.
+    metrics.jsonl itself is truncated by cluster.checkpoints.truncate_metrics before this opens it.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
         self.file = (run_dir / "metrics.jsonl").open("a")
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
             except Exception:  # tensorboard missing: metrics.jsonl is still complete
                 self.tb = None
 
     def write(self, metrics: dict) -> None:
-        self.file.write(json.dumps(metrics, default=str) + "\n")
+        line = json.dumps(metrics, default=str) + "\n"
+        if os.environ.get(faults.ENV) and faults.armed_at("metrics.mid_write", metrics["step"]):
+            self.file.write(line[: len(line) // 2])  # a crash halfway through the row
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            faults.crash("metrics.mid_write", metrics["step"])
+        self.file.write(line)
         self.file.flush()
         if self.tb is not None:
             step = metrics["step"]
