@@ -505,7 +505,7 @@ def validate_tree(tree: dict) -> Config:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "config"
+            where = ".".join(str(p) if str(p).isprintable() else repr(p) for p in err["loc"]) or "config"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field"
