@@ -90,11 +90,14 @@ def learner_batches(checkpoint: Path) -> int:
     return int(torch.load(states, map_location="cpu", weights_only=False)["learner_batches"])
 
 
-def check_finished(run_dir: Path) -> None:
+def check_finished(run_dir: Path, overrides: list[str] = RUN) -> None:
+    """The run's record after its last launch: one valid row per step, an uninterrupted run's prompts,
+    every trained step trained once, the final checkpoint complete, TensorBoard without stale steps."""
+    steps = load_config(overrides=overrides).train.steps
     lines = metric_lines(run_dir)
     rows = [json.loads(line) for line in lines]  # every line valid
-    assert [m["step"] for m in rows] == list(range(1, STEPS + 1))  # one row per step
-    expected = expected_prompts(RUN)
+    assert [m["step"] for m in rows] == list(range(1, steps + 1))  # one row per step
+    expected = expected_prompts(overrides)
     version = 0
     trained: list[int] = []
     for m, want in zip(rows, expected):
@@ -105,13 +108,13 @@ def check_finished(run_dir: Path) -> None:
         trained += m["data/trained_prompts"]
     assert len(trained) == len(set(trained))  # no prompt trained twice
     final = complete_checkpoints(run_dir)[-1]
-    assert checkpoint_step(final) == STEPS and (final / "hf" / "model.safetensors").is_file()
+    assert checkpoint_step(final) == steps and (final / "hf" / "model.safetensors").is_file()
     assert learner_batches(final) == version  # the learner stepped once per trained step, no more
     # TensorBoard: the events of steps a crashed launch wrote and a resumed one redid are superseded.
     from tests.test_run_safety import tensorboard_scalars
 
     tb = tensorboard_scalars(run_dir, "reward/mean")
-    assert [s for s, _ in tb] == list(range(1, STEPS + 1))
+    assert [s for s, _ in tb] == list(range(1, steps + 1))
     assert all(abs(v - m["reward/mean"]) < 1e-6 for (_, v), m in zip(tb, rows))
 
 
