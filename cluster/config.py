@@ -281,12 +281,14 @@ class TrainConfig(_Section):
 
 
 class WatchdogConfig(_Section):
-    """Stops a run that cannot learn: rewards that are mostly verifier errors, or every group tied
-    (no gradient at all), for `steps` steps in a row. The defaults leave short and untrained runs alone."""
+    """Stops a run that cannot learn: rewards that are mostly verifier errors for `error_steps` steps in a
+    row, or every group tied (no gradient at all) for `tied_steps` steps in a row. The defaults leave the
+    project's tests (at most 12 steps) and benchmarks (an untrained model ties every group for 20 steps in
+    benchmarks/pipeline.py) alone."""
 
-    enabled: bool = Field(True, description="Stop runs that cannot learn (see below).")
-    steps: int = Field(
-        20, ge=1, description="Consecutive steps with mostly errors, or with every group tied, that stop it."
+    enabled: bool = Field(True, description="Stop runs that cannot learn (see watchdog.*).")
+    error_steps: int = Field(
+        10, ge=1, description="Consecutive steps whose rewards are mostly verifier errors that stop the run."
     )
     error_fraction: float = Field(
         0.5,
@@ -294,6 +296,9 @@ class WatchdogConfig(_Section):
         le=1.0,
         description="A step is 'mostly errors' when more than this share of its rewards are verifier "
         "errors (reason `error: ...`).",
+    )
+    tied_steps: int = Field(
+        50, ge=1, description="Consecutive steps in which every group tied (no gradient) that stop the run."
     )
 
 

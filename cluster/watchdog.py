@@ -5,7 +5,8 @@ Two signs, each counted over consecutive steps:
   raises, a remote server that refuses the token or cannot be reached);
 - every group tied: no gradient at all (the model never, or always, solves the problems; an answer
   format the verifier does not read; a reward that is constant).
-A step that shows neither resets the count. `watchdog.steps` in a row stop the run with the likely cause.
+A step without the sign resets its count. `watchdog.error_steps` (or `watchdog.tied_steps`) in a row stop
+the run with the likely cause.
 """
 
 from __future__ import annotations
@@ -35,22 +36,21 @@ class Watchdog:
         total = metrics.get("groups/total", 0)
         all_tied = total > 0 and metrics.get("groups/with_signal", 0) == 0
         self.tied_steps = self.tied_steps + 1 if all_tied else 0
-        n = self.cfg.steps
-        if self.error_steps >= n:
+        if self.error_steps >= (n := self.cfg.error_steps):
             return (
                 f"{errors:.0%} of the rewards were verifier errors for {n} steps in a row: the verifier is "
                 "misconfigured (rewards.verifier; for custom: rewards.custom_function raises; for remote: "
                 "rewards.remote_url unreachable or rewards.remote_token refused). Check the reasons "
                 "(reward/reason/*) in metrics.jsonl"
             )
-        if self.tied_steps >= n:
+        if self.tied_steps >= (n := self.cfg.tied_steps):
             mean = metrics.get("reward/mean", 0.0)
             return (
                 f"every group tied (all its completions got the same reward, mean reward {mean:.3f}) for {n} "
                 "steps in a row: no gradient. Likely: the answers are never (or always) right, or the "
                 "verifier cannot read them (answer format vs rewards.answer_extraction, "
                 "data.prompt_template); try easier data, a format reward (rewards.format_weight), or "
-                "raise watchdog.steps"
+                "raise watchdog.tied_steps"
             )
         return None
 

@@ -46,7 +46,7 @@ def test_watchdog_stops_a_run_whose_verifier_only_errs(tmp_path, model_cache, ti
         "rollout.prompts_per_step=4",
         "rewards.verifier=custom",
         f"rewards.custom_function={__name__}:verifier_that_raises",
-        "watchdog.steps=2",
+        "watchdog.error_steps=2",
         "run.progress=false",
         fault=None,
         model_cache=model_cache,
