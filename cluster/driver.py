@@ -126,9 +126,9 @@ class Trainer:
                 self.control.publish(self.step, cfg.train.steps, self.version, engine_versions, metrics)
                 if cfg.run.progress:
                     print(progress_line(metrics, cfg.train.steps), file=sys.stderr, flush=True)
+                stop = self.watchdog.observe(metrics)  # before the checkpoint, which keeps its counts
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save_checkpoint()
-                stop = self.watchdog.observe(metrics)
                 if stop is not None:
                     raise RunStopped(
                         f"watchdog: {stop} (step {self.step}; watchdog.enabled=false turns it off)"
