@@ -432,8 +432,14 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _printable(text: str) -> str:
+    """Text for a one-line message: as it is, or quoted when it holds line breaks or other controls."""
+    return text if text.isprintable() else repr(text)
+
+
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     keys = dotted.split(".")
+    shown = _printable(dotted)
     if not all(k.strip() for k in keys):
         raise ConfigError(f"override {dotted!r}: not a section.field name (e.g. rollout.group_size=4)")
     node = tree
@@ -447,7 +453,8 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or type(e).__name__
         raise ConfigError(
-            f"{dotted}: the value {raw!r} is not valid YAML ({problem}); quote it if it is text"
+            f"{shown}: the value {raw!r} is not valid YAML ({' '.join(str(problem).split())}); quote it "
+            "if it is text"
         ) from None
 
 
@@ -510,7 +517,7 @@ def validate_tree(tree: dict) -> Config:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            where = ".".join(str(p) if str(p).isprintable() else repr(p) for p in err["loc"]) or "config"
+            where = ".".join(_printable(str(p)) for p in err["loc"]) or "config"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field"

@@ -73,7 +73,9 @@ def test_any_override_is_accepted_or_named_in_one_line(capsys, key, value):
     line = lines[0]
     parts = key.strip().split(".")
     # The line names the field, or the section (or the override itself) where the key goes wrong.
-    named = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    # (names with control characters are shown quoted, as repr() writes them, to keep the message one line)
+    shown = [p if p.isprintable() else repr(p) for p in parts]
+    named = [".".join(shown[:i]) for i in range(len(parts), 0, -1)]
     assert any(n.strip() and n.strip() in line for n in named) or repr(key.strip())[1:-1] in line, (key, line)
     if key in FIELDS:
         assert key in line or key.split(".")[0] in line, (key, line)
