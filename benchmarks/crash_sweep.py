@@ -82,12 +82,23 @@ def main() -> int:
         "--model-cache",
         default=os.environ.get("DUET_TEST_MODEL_CACHE") or str(Path("~/.cache/duet-rl").expanduser()),
     )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no new point when less than --point-s of this budget is left (partial results are kept)",
+    )
+    ap.add_argument("--point-s", type=float, default=300.0, help="what one point may take, for --budget-s")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "crash_sweep.json"))
     args = ap.parse_args()
     points = [p for p in args.points.split(",") if p]
     results = []
     with tempfile.TemporaryDirectory(prefix="duet-crash-sweep-") as d:
+        t0 = time.monotonic()
         for point in points:
+            if args.budget_s is not None and time.monotonic() - t0 + args.point_s > args.budget_s:
+                print(f"{point}: not run (--budget-s {args.budget_s:.0f} s spent)", flush=True)
+                continue
             r = sweep_one(point, args.step, Path(d), Path(args.model_cache))
             print(
                 f"{point}:{args.step}: {'ok' if r['ok'] else 'FAILED ' + r['error']} ({r['seconds']} s)",
