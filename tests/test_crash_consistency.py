@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from cluster.checkpoints import checkpoint_step, complete_checkpoints
 from cluster.config import load_config
 from cluster.data import PromptStream, load_prompts
 from tests.conftest import REPO, duet_cmd
@@ -29,6 +28,19 @@ RUN = [
     "checkpoint.every_steps=1",
     "run.progress=false",
 ]
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a checkpoint folder step_N; None for anything else (a `.tmp-step_N` being written)."""
+    name = folder.name
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints (driver_state.json is written last), by step number."""
+    root = run_dir / "checkpoints"
+    found = [p for p in root.iterdir() if checkpoint_step(p) is not None] if root.exists() else []
+    return sorted((p for p in found if (p / "driver_state.json").is_file()), key=checkpoint_step)
 
 
 def launch(run_dir: Path, *args: str, fault: str | None, model_cache: Path, timeout_s: float = 300.0):
