@@ -54,7 +54,7 @@ def test_off_when_disabled():
 
 
 def test_defaults_stay_quiet_on_short_and_untrained_runs():
-    """The project's tests run at most 12 steps; an untrained model ties every group (SmolLM2 in
+    """The project's tests run at most 30 steps (test_scaling.py); an untrained model ties every group (SmolLM2 in
     test_real_model; the untrained tiny model of benchmarks/pipeline.py, 20 steps)."""
     dog = Watchdog(WatchdogConfig())
     assert all(dog.observe(step(wrong=256)) is None for _ in range(49))
