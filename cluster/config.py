@@ -283,8 +283,8 @@ class TrainConfig(_Section):
 class WatchdogConfig(_Section):
     """Stops a run that cannot learn: rewards that are mostly verifier errors for `error_steps` steps in a
     row, or every group tied (no gradient at all) for `tied_steps` steps in a row. The defaults leave the
-    project's tests (at most 30 steps, tests/test_scaling.py) and benchmarks (an untrained model ties every group for 20 steps in
-    benchmarks/pipeline.py) alone."""
+    project's tests (at most 30 steps, tests/test_scaling.py) and benchmarks (an untrained model ties
+    every group for 20 steps in benchmarks/pipeline.py) alone."""
 
     enabled: bool = Field(True, description="Stop runs that cannot learn (see watchdog.*).")
     error_steps: int = Field(
