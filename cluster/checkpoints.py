@@ -5,27 +5,68 @@
                                    /driver_state.json   step, policy version, prompt-stream position
     RUN_DIR/checkpoints/.tmp-step_000040/        the same while it is being written
 
-A checkpoint is written under its temporary name and renamed when complete, so a crash never leaves one
-that looks whole but is not; `driver_state.json` is its last file.
+A checkpoint is written under its temporary name, every file in it is fsynced, it is renamed when
+complete and the parent folder is fsynced, so a crash (or a power loss) never leaves one that looks whole
+but is not; `driver_state.json` is its last file. Checkpoints are ordered by their step number.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from cluster import faults
+
 _TAG = "state"  # DeepSpeed's tag inside deepspeed/
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint folder named step_N (None for anything else, e.g. `.tmp-step_N`)."""
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest step first (by number: step_1000000 sorts after step_999999)."""
+    root = run_dir / "checkpoints"
+    if not root.exists():
+        return []
+    found = [
+        p for p in root.iterdir() if checkpoint_step(p) is not None and (p / "driver_state.json").exists()
+    ]
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint (a half-written one is still under its `.tmp-` name)."""
-    root = run_dir / "checkpoints"
-    done = (
-        sorted(p for p in root.glob("step_*") if (p / "driver_state.json").exists()) if root.exists() else []
-    )
+    done = complete_checkpoints(run_dir)
     return done[-1] if done else None
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` (and `folder` itself) to stable storage."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in `folder` durable (POSIX: fsync the directory itself)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -33,20 +74,25 @@ def save_checkpoint(
 ) -> Path:
     """Write step `step`: the learner's DeepSpeed checkpoint with the driver's `state` in it, a Hugging
     Face export when `export_from` (the model folder whose tokenizer to copy) is given, and
-    driver_state.json; then keep only the newest `keep` checkpoints."""
+    driver_state.json; then keep only the newest `keep` checkpoints (by step number)."""
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
+    faults.point("checkpoint.before_write", step)
     learner.save_checkpoint(str(tmp / "deepspeed"), _TAG, state)
+    faults.point("checkpoint.during_write", step)  # DeepSpeed's files written, driver_state.json not yet
     if export_from is not None:
         learner.export_hf(str(tmp / "hf"), export_from)
     (tmp / "driver_state.json").write_text(json.dumps(state))
+    fsync_tree(tmp)  # the contents are durable before the name says "complete"
+    faults.point("checkpoint.before_rename", step)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    kept = sorted(p for p in root.iterdir() if p.name.startswith("step_"))
-    for old in kept[:-keep]:
+    fsync_dir(root)  # and the rename itself
+    faults.point("checkpoint.after_rename", step)
+    for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -56,12 +102,31 @@ def load_checkpoint(checkpoint: Path, learner: Any) -> dict:
     return learner.load_checkpoint(str(checkpoint / "deepspeed"), _TAG)
 
 
+def read_driver_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "driver_state.json").read_text())
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics of steps after the checkpoint we resume from: they will be recomputed."""
+    """Keep the metrics of steps up to `step` (the checkpoint we resume from): later ones will be
+    recomputed. A last line cut short by a crash is dropped. The file is replaced atomically (written
+    aside, fsynced, renamed), so a crash here leaves either the old file or the new one."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    keep = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # cut short by a crash mid-write (only ever the last line)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line + b"\n")
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    with tmp.open("wb") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync_dir(run_dir)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cluster.config import Config, ConfigError, add_config_arguments, config_from_arguments
 from cluster.data import DatasetError, load_prompts
-from cluster.runtime import check_model
+from cluster.runtime import check_model, check_run_dir, run_dir_path
 
 # Fields that hold a secret, and where the secret goes instead of the command line (which `ps` shows to
 # every user of the machine, and the Ray dashboard shows for a job's entrypoint).
@@ -39,11 +39,35 @@ def refuse_secret_overrides(overrides: list[str]) -> None:
 
 
 def check_runnable(cfg: Config) -> int:
-    """Everything that can be checked before an actor starts: the model path, a control token file and
-    every dataset row. Returns the number of prompts."""
+    """Everything that can be checked before an actor starts: the model path, a control token file, every dataset row and,
+    when the run evaluates (eval.every_steps), the held-out set. Returns the number of prompts."""
     check_model(cfg)
     cfg.control.read_token()
-    return len(load_prompts(cfg.data, cfg.run.seed))
+    n = len(load_prompts(cfg.data, cfg.run.seed))
+    if cfg.eval.every_steps:
+        check_eval(cfg)
+    return n
+
+
+def check_eval(cfg: Config) -> None:
+    """The in-run evaluation's settings, checked before the run starts instead of at its first evaluation."""
+    from cluster.evaluation import eval_prompts
+
+    e = cfg.eval
+    if e.every_steps > cfg.train.steps:
+        raise ConfigError(
+            f"eval.every_steps: {e.every_steps} is more than train.steps ({cfg.train.steps}): the run would "
+            "never evaluate; lower it, or set eval.every_steps=0 for no evaluation"
+        )
+    if e.max_tokens is not None and e.max_tokens >= cfg.rollout.max_model_len:
+        raise ConfigError(
+            f"eval.max_tokens: {e.max_tokens} leaves no room for the prompt in rollout.max_model_len "
+            f"({cfg.rollout.max_model_len}); lower it or raise rollout.max_model_len"
+        )
+    try:
+        eval_prompts(cfg)
+    except DatasetError as ex:
+        raise DatasetError(f"eval.path: {ex}") from None
 
 
 def _train(argv: list[str]) -> int:
@@ -68,6 +92,8 @@ def _train(argv: list[str]) -> int:
         refuse_secret_overrides(args.overrides)
         cfg = config_from_arguments(args)
         n_prompts = check_runnable(cfg)
+        if not args.dry_run:
+            check_run_dir(run_dir_path(cfg, args.run_dir), resume=bool(args.resume))
     except (ConfigError, DatasetError) as e:
         print(f"duet train: {e}", file=sys.stderr)
         return 2
@@ -93,6 +119,9 @@ def _train(argv: list[str]) -> int:
 
     try:
         run_dir = train(cfg, args.run_dir, resume=bool(args.resume))
+    except ConfigError as e:  # found once the run's folder is known (e.g. --resume without a checkpoint)
+        print(f"duet train: {e}", file=sys.stderr)
+        return 2
     except (RunStopped, PreflightError) as e:
         print(f"duet train: {e}", file=sys.stderr)
         return 1

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import copy
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Allowed values, named once: the pure functions that take them (learner/advantages.py, learner/losses.py)
 # check their arguments against `typing.get_args` of these.
@@ -128,12 +129,43 @@ class DataConfig(DatasetFields):
     synthetic_max_operand: int = Field(9, ge=1, description="Largest operand of the synthetic additions.")
     shuffle: bool = Field(True, description="Shuffle the prompt order each epoch (seeded).")
 
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, template: str) -> str:
+        check_prompt_template(template)
+        return template
+
+
+def check_prompt_template(template: str) -> None:
+    """The template may name {problem} and nothing else; literal braces (LaTeX's \\boxed{}) are doubled."""
+    hint = "write literal braces doubled, e.g. 'Put the answer in \\boxed{{}}: {problem}'"
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:  # a lone '{' or '}'
+        raise ValueError(f"{e}; {hint}") from None
+    for name in fields:
+        if name != "problem":
+            what = "an empty {}" if name == "" else f"{{{name}}}"
+            raise ValueError(f"has {what}, but the only placeholder is {{problem}}; {hint}")
+    if "problem" not in fields:
+        raise ValueError("has no {problem} placeholder: the prompt would not contain the problem")
+    try:
+        template.format(problem="1+1=")
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"cannot be applied ({e}); {hint}") from None
+
 
 class RolloutConfig(SamplingConfig):
     """Training rollouts; the sampling fields (temperature, top_p, top_k, max_tokens) come from
     SamplingConfig with its defaults."""
 
     num_engines: int = Field(1, ge=1, description="Number of RolloutEngine actors (vLLM engines).")
+    max_engines: int | None = Field(
+        None,
+        ge=1,
+        description="Most engines the control API may scale to (`duet scale`); default: as many engine "
+        "bundles as the cluster's resources hold when the run starts (at least num_engines).",
+    )
     gpus_per_engine: int = Field(
         1,
         ge=1,
@@ -366,6 +398,28 @@ class TrainConfig(_Section):
         return every > 0 and (version == 1 or version % every == 0)
 
 
+class WatchdogConfig(_Section):
+    """Stops a run that cannot learn: rewards that are mostly verifier errors for `error_steps` steps in a
+    row, or every group tied (no gradient at all) for `tied_steps` steps in a row. The defaults leave the
+    project's tests (at most 30 steps, tests/test_scaling.py) and benchmarks (an untrained model ties
+    every group for 20 steps in benchmarks/pipeline.py) alone."""
+
+    enabled: bool = Field(True, description="Stop runs that cannot learn (see watchdog.*).")
+    error_steps: int = Field(
+        10, ge=1, description="Consecutive steps whose rewards are mostly verifier errors that stop the run."
+    )
+    error_fraction: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="A step is 'mostly errors' when more than this share of its rewards are verifier "
+        "errors (reason `error: ...`).",
+    )
+    tied_steps: int = Field(
+        50, ge=1, description="Consecutive steps in which every group tied (no gradient) that stop the run."
+    )
+
+
 class CheckpointConfig(_Section):
     every_steps: int = Field(0, ge=0, description="Save every N steps (0: only at the end).")
     keep: int = Field(2, ge=1, description="Checkpoints to keep.")
@@ -491,6 +545,7 @@ class Config(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
@@ -504,6 +559,11 @@ class Config(_Section):
             self.algorithm.length_norm = self.rollout.max_tokens
         if self.eval.max_tokens is None:
             self.eval.max_tokens = self.rollout.max_tokens
+        if self.rollout.max_engines is not None and self.rollout.max_engines < self.rollout.num_engines:
+            raise ValueError(
+                f"rollout.max_engines ({self.rollout.max_engines}) is below rollout.num_engines "
+                f"({self.rollout.num_engines}): raise it or leave it unset"
+            )
         return self
 
 
@@ -561,15 +621,30 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _printable(text: str) -> str:
+    """Text for a one-line message: as it is, or quoted when it holds line breaks or other controls."""
+    return text if text.isprintable() else repr(text)
+
+
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     keys = dotted.split(".")
+    shown = _printable(dotted)
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"override {dotted!r}: not a section.field name (e.g. rollout.group_size=4)")
     node = tree
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
     # YAML parsing gives ints, floats, bools, null and lists the same spelling as the config file.
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(
+            f"{shown}: the value {raw!r} is not valid YAML ({' '.join(str(problem).split())}); quote it "
+            "if it is text"
+        ) from None
 
 
 def load_config(
@@ -584,8 +659,17 @@ def load_config(
             raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         tree = deep_merge(tree, PRESETS[preset])
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"--config {path}: not valid YAML{where} ({problem})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         file_preset = loaded.pop("preset", None)
@@ -615,17 +699,27 @@ def config_from_arguments(args: argparse.Namespace, *extra_overrides: str) -> Co
 
 
 def validate_tree(tree: dict) -> Config:
+    """The config of a tree of sections; every problem is one line that starts with the field's dotted
+    name (one line in all for one bad field)."""
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        lines = []
+        lines: dict[str, list[str]] = {}  # section.field -> its problems: one line per bad field
         for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "config"
-            msg = err["msg"]
+            where = ".".join(_printable(str(p)) for p in err["loc"]) or "config"
+            field = ".".join(_printable(str(p)) for p in err["loc"][:2]) or "config"
+            msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field"
-            lines.append(f"{where}: {msg}")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+            elif err["type"] in ("model_type", "dict_type"):
+                msg = "must be a section (a mapping of fields)"
+            elif err["type"] == "string_type" and isinstance(err.get("input"), (dict, list)):
+                msg += " (YAML read a value starting with '{' or '[' as a mapping or list: quote it)"
+            detail = " ".join(msg.split())
+            lines.setdefault(field, []).append(detail if where == field else f"{where}: {detail}")
+        raise ConfigError(
+            "\n".join(f"{field}: {'; '.join(problems)}" for field, problems in lines.items())
+        ) from None
 
 
 def config_reference() -> str:

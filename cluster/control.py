@@ -56,8 +56,13 @@ class RunControl:
     The loop calls `publish` after every step (what /status shows) and `apply` before every step.
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    # Most engines a scale request may ask for until the driver sets the cluster's own bound
+    # (rollout.max_engines, or what the cluster's resources hold): a typo must not wait forever.
+    DEFAULT_MAX_ENGINES = 64
+
+    def __init__(self, run_dir: str | Path, max_engines: int | None = None) -> None:
         self.run_dir = str(run_dir)
+        self.max_engines = max_engines
         self._requests: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._status: dict = {"state": "starting"}
@@ -70,6 +75,13 @@ class RunControl:
     def scale(self, engines: int) -> dict:
         if engines < 1:
             raise ValueError("engines must be >= 1")
+        limit = self.max_engines if self.max_engines is not None else self.DEFAULT_MAX_ENGINES
+        if engines > limit:
+            raise ValueError(
+                f"engines={engines} is more than this run may use ({limit}: rollout.max_engines, by default "
+                "what the cluster's resources hold); ask for fewer, or add nodes and restart with a higher "
+                "rollout.max_engines"
+            )
         return self._queue("scale", engines=engines)
 
     def pause(self) -> dict:

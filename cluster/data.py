@@ -28,28 +28,65 @@ def synthetic_rows(n: int, max_operand: int, seed: int) -> list[dict]:
     ]
 
 
+def shown(path: str | Path) -> str:
+    """A path for a one-line message: as it is, or quoted when it holds line breaks or other controls."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def read_rows(path: str | Path) -> list[dict]:
-    """Read a JSONL or Parquet file as a list of dicts (the layouts MATH-500, AMC, AIME ship in)."""
+    """Read a JSONL or Parquet file as a list of dicts (the layouts MATH-500, AMC, AIME ship in).
+    Rows are numbered from 0 over the non-blank lines, the same numbers the row checks use."""
     path = Path(path)
+    name = shown(path)
     if not path.exists():
-        raise DatasetError(f"data.path: {path} does not exist")
+        raise DatasetError(f"{name} does not exist")
+    if not path.is_file():
+        raise DatasetError(f"{name} is not a file (give a .jsonl or .parquet file)")
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DatasetError(
+                f"{name} is not a readable Parquet file ({first}); write it again or use JSONL"
+            ) from None
     rows = []
-    with path.open() as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for i, raw in enumerate(line for line in f if line.strip()):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(
+                    f"row {i} of {name} is not UTF-8 text (byte {e.start} of the row); convert the file "
+                    "to UTF-8 (e.g. iconv -t UTF-8)"
+                ) from None
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}: row {i} is not valid JSON ({e.msg})") from None
+                raise DatasetError(
+                    f"row {i} of {name} is not valid JSON ({e.msg}); one object per line"
+                ) from None
             if not isinstance(row, dict):
-                raise DatasetError(f"{path}: row {i} is not a JSON object")
+                raise DatasetError(f"row {i} of {name} is not a JSON object (one object per line)")
             rows.append(row)
     return rows
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _answer(value: object) -> bool:
+    """A reference answer: text, or a number (AMC ships 27.0); not a bool, list or mapping."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return value == value and value not in (float("inf"), float("-inf"))
+    return _text(value)
 
 
 def rows_to_prompts(
@@ -58,15 +95,28 @@ def rows_to_prompts(
     """Validate every row and apply the prompt template; fail on the first bad row, naming it."""
     prompts = []
     for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DatasetError(f"row {i} of {origin} is not a mapping of fields")
         problem = row.get(fields.problem_field)
         answer = row.get(fields.answer_field)
-        if problem is None or (isinstance(problem, str) and not problem.strip()):
-            raise DatasetError(f"{origin}: row {i} has no {fields.problem_field!r} field")
-        if answer is None or (isinstance(answer, str) and not answer.strip()):
+        if not _text(problem):
+            what = "has no" if problem is None or problem == "" else "has a non-text or blank"
             raise DatasetError(
-                f"{origin}: row {i} has no {fields.answer_field!r} field (the reference answer)"
+                f"row {i} of {origin} {what} {fields.problem_field!r} field (the problem text); fix the "
+                "row or set data.problem_field"
             )
-        text = prompt_template.format(problem=problem)
+        if not _answer(answer):
+            what = "has no" if answer is None or answer == "" else "has an unusable"
+            raise DatasetError(
+                f"row {i} of {origin} {what} {fields.answer_field!r} field (the reference answer: text or "
+                "a number); fix the row or set data.answer_field"
+            )
+        try:
+            text = prompt_template.format(problem=problem)
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise DatasetError(
+                f"data.prompt_template cannot be applied to row {i} of {origin}: {e}"
+            ) from None
         prompts.append(
             Prompt(index=i, text=text, answer=str(answer), source=str(row.get(fields.source_field, "")))
         )
@@ -79,7 +129,11 @@ def load_prompts(cfg: DataConfig, seed: int) -> list[Prompt]:
     if cfg.path is None:
         rows = synthetic_rows(cfg.synthetic_problems, cfg.synthetic_max_operand, seed)
         return rows_to_prompts(rows, cfg, cfg.prompt_template, origin="synthetic")
-    return rows_to_prompts(read_rows(cfg.path), cfg, cfg.prompt_template, origin=str(cfg.path))
+    try:
+        rows = read_rows(cfg.path)
+    except DatasetError as e:
+        raise DatasetError(f"data.path: {e}") from None
+    return rows_to_prompts(rows, cfg, cfg.prompt_template, origin=shown(cfg.path))
 
 
 class PromptStream:

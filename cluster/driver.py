@@ -25,8 +25,14 @@ import ray
 from ray.util.placement_group import placement_group
 
 from actors.replay_queue import ReplayQueue
-from cluster import dashboard, runtime
-from cluster.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+from cluster import dashboard, faults, runtime
+from cluster.checkpoints import (
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 from cluster.config import Config
 from cluster.control import RunControl, start_control
 from cluster.data import PromptStream, load_prompts
@@ -40,6 +46,7 @@ from cluster.records import Prompt, ScoredGroup
 from cluster.scoring import Scoring, group_metrics, staleness_metrics
 from cluster.telemetry import Telemetry
 from cluster.trackers import TrackerStartError
+from cluster.watchdog import Watchdog
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
 
@@ -58,7 +65,7 @@ def train(
 ) -> Path:
     """Run `cfg.train.steps` steps (from the last checkpoint of `run_dir` with `resume`); returns the
     run directory. `on_step`: see `Trainer.run`."""
-    return Trainer(cfg, runtime.new_run_dir(cfg, run_dir), resume=resume).run(on_step)
+    return Trainer(cfg, runtime.new_run_dir(cfg, run_dir, resume), resume=resume).run(on_step)
 
 
 class RunStopped(RuntimeError):
@@ -70,6 +77,7 @@ class Trainer:
     train.max_staleness_versions = k > 0, asynchronous with data at most k versions old."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False) -> None:
+        runtime.check_run_dir(run_dir, resume)  # one run per folder, refused before anything starts
         self.cfg, self.run_dir = cfg, run_dir
         self.plan = make_plan(cfg)
         self.model_path = runtime.resolve_model(cfg)
@@ -77,7 +85,8 @@ class Trainer:
         self.eval_set = eval_prompts(cfg) if cfg.eval.every_steps else None
         self.step = 0
         self.version = 0
-        self.control = RunControl(run_dir)
+        self.control = RunControl(run_dir, cfg.rollout.max_engines)
+        self.watchdog = Watchdog(cfg.watchdog)
         self.producer: RolloutProducer | None = None  # asynchronous mode only
         self.applied_midstep: list[dict] = []  # control requests applied while a step waited for data
         self.timeline: list[dict] = []  # who was busy when: engines, rewards, learner, broadcast
@@ -96,8 +105,11 @@ class Trainer:
         policy), then after every step with its metrics before they are written (it may add to them).
         """
         cfg = self.cfg
-        try:  # trackers start before any actor: a run without the tracking asked for does not start
-            writer = MetricsWriter(self.run_dir, cfg.run.loggers, cfg.run.tracker_project)
+        # Trackers start before any actor: a run without the tracking asked for does not start. A resumed
+        # run supersedes TensorBoard's events of the steps it redoes (purge_step).
+        purge_step = checkpoint_step(self.resume_from) + 1 if self.resume_from is not None else None
+        try:
+            writer = MetricsWriter(self.run_dir, cfg.run.loggers, cfg.run.tracker_project, purge_step)
         except TrackerStartError as e:
             raise RunStopped(str(e)) from e
         server = None
@@ -125,20 +137,28 @@ class Trainer:
                 events_seen = len(events)
                 if on_step is not None:
                     on_step(self, metrics)
+                faults.point("step.before_metrics", self.step)
                 writer.write(metrics)
+                faults.point("step.after_metrics", self.step)
                 engine_versions = dict(zip(self.fleet.ids, self.fleet.versions()))
                 telemetry.record_step(metrics, engine_versions, metrics["queue"])
                 self.control.publish(self.step, cfg.train.steps, self.version, engine_versions, metrics)
                 if cfg.run.progress:
                     print(progress_line(metrics, cfg.train.steps), file=sys.stderr, flush=True)
+                stop = self.watchdog.observe(metrics)  # before the checkpoint, which keeps its counts
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save_checkpoint()
+                if stop is not None:
+                    raise RunStopped(
+                        f"watchdog: {stop} (step {self.step}; watchdog.enabled=false turns it off)"
+                    )
             if cfg.checkpoint.final:
                 self.save_checkpoint(export=True)
         finally:
             if self.producer is not None:
                 self.producer.stop()
-            writer.close()
+            if writer is not None:
+                writer.close()
             if server is not None:
                 server.stop()
             runtime.write_timeline(
@@ -152,6 +172,7 @@ class Trainer:
         """One optimizer step: a batch of `rollout.prompts_per_step` groups, then learn on it."""
         t_step = time.perf_counter()
         batch, scored, metrics = self.rollout_async() if self.producer else self.rollout_sync()
+        faults.point("step.after_generate", self.step)
         return self.learn(batch, scored, metrics, t_step)
 
     def rollout_sync(self) -> tuple[list[ScoredGroup], list[ScoredGroup], dict]:
@@ -170,8 +191,12 @@ class Trainer:
             for key in metrics:
                 metrics[key] += timing[key]
             scored += groups
-            ray.get(self.queue.put.remote(groups))
-            batch += ray.get(self.queue.take.remote(want - len(batch), self.version, None))
+            # In slices the queue can hold, each taken before the next is put: `put` waits while the
+            # queue is full, and nothing else takes in the synchronous loop.
+            cap = cfg.train.queue_capacity_groups
+            for i in range(0, len(groups), cap):
+                ray.get(self.queue.put.remote(groups[i : i + cap]))
+                batch += ray.get(self.queue.take.remote(cap, self.version, None))
             rounds += 1
             if not cfg.algorithm.refill or len(batch) >= want or rounds >= cfg.algorithm.max_refill_rounds:
                 break
@@ -283,10 +308,14 @@ class Trainer:
         if batch:
             t0 = time.perf_counter()
             metrics.update(self.learner_call(self.learner.train_step, batch))
+            faults.point("step.after_learn", self.step)
             t1 = time.perf_counter()
             self.version += 1
             checked = self.cfg.train.weights_checked(self.version)
+            timer = faults.point_later("broadcast.mid", self.step, faults.BROADCAST_DELAY_S)
             sent = self.broadcast(checked)
+            if timer is not None:
+                timer.join()  # a transfer shorter than the delay: die right after it, before anything else
             t2 = time.perf_counter()
             metrics.update({"time/train_s": t1 - t0, "time/broadcast_s": t2 - t1})
             now = time.time()
@@ -301,7 +330,7 @@ class Trainer:
                     "time/train_s": 0.0,
                     "time/broadcast_s": 0.0,
                     "train/skipped": True,
-                    "sync/checksum_match": True,
+                    "sync/checksum_match": True,  # nothing was sent: the engines hold the checked weights
                 }
             )
         metrics["time/step_s"] = time.perf_counter() - t_step
@@ -424,12 +453,21 @@ class Trainer:
         )
         self.learner = LearnerGroup(cfg, self.model_path, self.learner_pg, plan.device, plan.learner_threads)
         self.fleet.start(cfg.rollout.num_engines, self.version)
+        if self.control.max_engines is None:
+            self.control.max_engines = runtime.engines_the_cluster_holds(plan, cfg.rollout.num_engines)
         self.connect_fleet()
         if self.resume_from is not None:
             state = self.learner_call(load_checkpoint, self.resume_from, self.learner)
             self.step, self.version = state["step"], state["policy_version"]
+            print(
+                f"duet train: resuming from {self.resume_from} (step {self.step})",
+                file=sys.stderr,
+                flush=True,
+            )
             self.prompts.load_state(state["prompts"])
+            self.watchdog.load_state(state.get("watchdog"))
             self.learner_call(self.learner.broadcast, self.version)  # engines start from the checkpoint
+            faults.point("resume.after_load", self.step)
             truncate_metrics(self.run_dir, self.step)
         self.write_actors()
         if cfg.train.max_staleness_versions > 0:
@@ -467,6 +505,7 @@ class Trainer:
             "step": self.step,
             "policy_version": self.version,
             "prompts": self.prompts.state(),
+            "watchdog": self.watchdog.state(),
             # Sampling RNG is reseeded per step from (run.seed, step), so the step number restores it.
             "rng": {"scheme": "engines reseeded from run.seed and the step", "seed": self.cfg.run.seed},
         }
@@ -532,5 +571,10 @@ def progress_line(m: dict, steps: int) -> str:
         f"step {m['step']:>3}/{steps}  v{m['policy_version']}  reward {m['reward/mean']:.3f}  "
         f"signal {m['groups/with_signal']}/{m['groups/total']}  loss {m.get('train/loss', 0.0):+.4f}  "
         f"gen {m['time/generate_s']:.1f}s  train {m['time/train_s']:.1f}s  bcast {m['time/broadcast_s']:.2f}s  "
-        f"sync {({True: 'ok', None: 'unchecked'}).get(m.get('sync/checksum_match'), 'MISMATCH')}"
+        f"sync {_sync_word(m.get('sync/checksum_match'))}"
     )
+
+
+def _sync_word(match: bool | None) -> str:
+    """None: the step's weights were not compared (train.check_weights_every_steps, or no update)."""
+    return "unchecked" if match is None else "ok" if match else "MISMATCH"

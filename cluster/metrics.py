@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cluster import faults
 from cluster.trackers import Tracker, read_config, scalars, start_trackers
 
 
@@ -16,17 +18,37 @@ class MetricsWriter:
     Trackers start here, so a tracker that cannot start raises TrackerStartError before the driver
     starts an actor. A tracker that fails later is reported once on stderr and dropped: metrics.jsonl
     and the other trackers go on, and so does training.
+
+    `purge_step` (a resumed run: the first step it will redo): TensorBoard events of that step and later,
+    written by the run that crashed, are superseded (TensorBoard's purge marker hides them).
+    metrics.jsonl is opened at the first write, after cluster.checkpoints.truncate_metrics has cut it
+    back to the checkpoint's step (that rewrite replaces the file).
     """
 
     def __init__(
-        self, run_dir: Path, loggers: Sequence[str] = ("tensorboard",), project: str = "duet-rl"
+        self,
+        run_dir: Path,
+        loggers: Sequence[str] = ("tensorboard",),
+        project: str = "duet-rl",
+        purge_step: int | None = None,
     ) -> None:
-        self.trackers: list[Tracker] = start_trackers(list(loggers), run_dir, read_config(run_dir), project)
+        self.path = run_dir / "metrics.jsonl"
+        self.trackers: list[Tracker] = start_trackers(
+            list(loggers), run_dir, read_config(run_dir), project, purge_step
+        )
         self.failed: dict[str, str] = {}  # logger -> why it was dropped
-        self.file = (run_dir / "metrics.jsonl").open("a")
+        self.file = None
 
     def write(self, metrics: dict) -> None:
-        self.file.write(json.dumps(metrics, default=str) + "\n")
+        if self.file is None:
+            self.file = self.path.open("a")
+        line = json.dumps(metrics, default=str) + "\n"
+        if os.environ.get(faults.ENV) and faults.armed_at("metrics.mid_write", metrics["step"]):
+            self.file.write(line[: len(line) // 2])  # a crash halfway through the row
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            faults.crash("metrics.mid_write", metrics["step"])
+        self.file.write(line)
         self.file.flush()
         values, step = scalars(metrics), metrics["step"]
         for tracker in list(self.trackers):
@@ -50,7 +72,8 @@ class MetricsWriter:
             pass
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         for tracker in self.trackers:
             try:
                 tracker.close()

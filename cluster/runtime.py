@@ -2,7 +2,7 @@
 
     RUN_DIR/config.yaml     the resolved config (secrets left out); `duet train --resume` reads it back
     RUN_DIR/actors.json     the live processes (driver, engines, learner ranks, reward workers)
-    RUN_DIR/timeline.jsonl  who was busy when (engines, rewards, learner, broadcast), written at the end
+    RUN_DIR/timeline.jsonl  who was busy when (engines, rewards, learner, broadcast), appended at the end
     RUN_DIR/metrics.jsonl   one row per step (cluster/metrics.py); checkpoints/ (cluster/checkpoints.py)
 
 Ray is imported only by the functions that need it: the CLI checks a config without starting Ray.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import Config, ConfigError
-from cluster.placement import ray_cpus_needed
+from cluster.placement import Plan, ray_cpus_needed
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -40,6 +40,20 @@ def init_ray(cfg: Config) -> None:
         include_dashboard=False,
         log_to_driver=False,
     )
+
+
+def engines_the_cluster_holds(plan: Plan, at_least: int) -> int:
+    """The default of rollout.max_engines: how many engine bundles the cluster's resources hold beside the
+    learner's bundles (a typo in `duet scale` must not wait forever for resources that do not exist)."""
+    import ray
+
+    free = dict(ray.cluster_resources())
+    for bundle in plan.learner_bundles:
+        for key, amount in bundle.items():
+            free[key] = free.get(key, 0.0) - amount
+    engine = plan.engine_bundles[0]
+    fits = min(int(free.get(key, 0.0) // amount) for key, amount in engine.items() if amount > 0)
+    return max(at_least, fits)
 
 
 def check_model(cfg: Config) -> None:
@@ -70,9 +84,32 @@ def resolve_model(cfg: Config) -> str:
     )
 
 
-def new_run_dir(cfg: Config, run_dir: str | None) -> Path:
-    """The run's folder (created): `run_dir`, else run.run_dir, else runs/<date-time>."""
-    path = Path(run_dir or cfg.run.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+# What a run leaves in its folder: any of these means the folder holds a run already.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
+
+
+def run_dir_path(cfg: Config, run_dir: str | None) -> Path:
+    """The run's folder: `run_dir`, else run.run_dir, else runs/<date-time>."""
+    return Path(run_dir or cfg.run.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+
+
+def check_run_dir(path: Path, resume: bool) -> None:
+    """A run directory holds one run: a new run (no --resume) needs a folder without one, since its
+    metrics would be appended to the old run's and checkpoint pruning would mix both runs' steps."""
+    if resume:
+        return
+    found = [name for name in RUN_FILES if (path / name).exists()]
+    if found:
+        raise ConfigError(
+            f"run directory {path} already holds a run ({', '.join(found)}): continue it with "
+            f"`duet train --resume {path}`, or give a new --run-dir (or run.run_dir), or remove {path}"
+        )
+
+
+def new_run_dir(cfg: Config, run_dir: str | None, resume: bool = False) -> Path:
+    """The run's folder (created), refused when it holds a run already and `resume` is not set."""
+    path = run_dir_path(cfg, run_dir)
+    check_run_dir(path, resume)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -107,6 +144,7 @@ def write_actors(
 
 
 def write_timeline(run_dir: Path, events: list[dict]) -> None:
-    """RUN_DIR/timeline.jsonl: one busy interval per line ({"component", "start", "end"}, wall-clock)."""
-    with (run_dir / "timeline.jsonl").open("w") as f:
+    """RUN_DIR/timeline.jsonl: one busy interval per line ({"component", "start", "end"}, wall-clock),
+    appended: a resumed run adds its intervals after those of the runs before it."""
+    with (run_dir / "timeline.jsonl").open("a") as f:
         f.writelines(json.dumps(e) + "\n" for e in sorted(events, key=lambda e: e["start"]))

@@ -68,10 +68,10 @@ class Tracker:
 class TensorBoardTracker(Tracker):
     name = "tensorboard"
 
-    def __init__(self, run_dir: Path, config: dict, run_name: str) -> None:
+    def __init__(self, run_dir: Path, config: dict, run_name: str, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
         self.writer.add_text("run", run_name, 0)
         self.writer.flush()
@@ -139,14 +139,16 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(self.run_id, status="FINISHED")
 
 
-def start_trackers(names: list[str], run_dir: Path, config: dict, project: str) -> list[Tracker]:
+def start_trackers(
+    names: list[str], run_dir: Path, config: dict, project: str, purge_step: int | None = None
+) -> list[Tracker]:
     """Start every tracker in `names`; on a failure close those already started and raise
     TrackerStartError naming the logger, the reason and (for a missing package) the extra to install."""
     started: list[Tracker] = []
     for name in names:
         try:
             if name == "tensorboard":
-                started.append(TensorBoardTracker(run_dir, config, run_dir.name))
+                started.append(TensorBoardTracker(run_dir, config, run_dir.name, purge_step))
             elif name == "wandb":
                 started.append(WandbTracker(run_dir, config, run_dir.name, project))
             elif name == "mlflow":

@@ -98,7 +98,7 @@ def test_reads_jsonl_and_parquet_with_alternative_fields(tmp_path, capsys):
 
 
 def test_bad_rows_are_named():
-    with pytest.raises(DatasetError, match="row 1 has no 'answer'"):
+    with pytest.raises(DatasetError, match=r"row 1 of .* has no 'answer'"):
         prompts_from_rows([{"problem": "1+1=", "answer": "2"}, {"problem": "2+2="}])
     with pytest.raises(DatasetError, match="no row has the problem field"):
         prompts_from_rows([{"text": "1+1=", "answer": "2"}])

@@ -1,0 +1,156 @@
+"""Crash consistency on the real stack: the driver SIGKILLs its own process group (its local Ray, engines
+and learner with it) at deterministic fault points (cluster/faults.py), and `duet train --resume` picks
+up. Three kills chained in one run, then the run finishes; after every kill and at the end: no
+half-written checkpoint is loaded, metrics.jsonl holds one valid row per step, no step is trained twice
+and the prompts follow an uninterrupted run's order. benchmarks/crash_sweep.py runs every fault point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cluster.config import load_config
+from cluster.data import PromptStream, load_prompts
+from tests.conftest import REPO, duet_cmd
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS = 5
+RUN = [
+    f"train.steps={STEPS}",
+    "rollout.prompts_per_step=8",
+    "checkpoint.every_steps=1",
+    "run.progress=false",
+]
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a checkpoint folder step_N; None for anything else (a `.tmp-step_N` being written)."""
+    name = folder.name
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints (driver_state.json is written last), by step number."""
+    root = run_dir / "checkpoints"
+    found = [p for p in root.iterdir() if checkpoint_step(p) is not None] if root.exists() else []
+    return sorted((p for p in found if (p / "driver_state.json").is_file()), key=checkpoint_step)
+
+
+def launch(run_dir: Path, *args: str, fault: str | None, model_cache: Path, timeout_s: float = 300.0):
+    """`duet train` in its own session (the fault kills its process group, not the test). Returns
+    (exit code, stderr)."""
+    env = dict(os.environ)
+    env.pop("DUET_FAULT_POINT", None)
+    if fault is not None:
+        env["DUET_FAULT_POINT"] = fault
+    p = subprocess.Popen(
+        duet_cmd("train", *args, f"model.cache_dir={model_cache}"),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = p.communicate(timeout=timeout_s)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return p.returncode, err
+
+
+def metric_lines(run_dir: Path) -> list[str]:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def check_after_kill(run_dir: Path, rc: int, err: str, fault: str) -> None:
+    """The kill landed where it was set (before the run finished), and left nothing that looks whole
+    but is not: every `step_*` folder is complete, every metrics row but a cut last one is valid."""
+    assert rc == -signal.SIGKILL, (rc, err[-3000:])
+    assert f"crashing at {fault}" in err, err[-3000:]
+    root = run_dir / "checkpoints"
+    for folder in root.iterdir() if root.exists() else []:
+        if checkpoint_step(folder) is not None:
+            assert (folder / "driver_state.json").is_file() and (folder / "deepspeed").is_dir(), folder
+    lines = metric_lines(run_dir)
+    for line in lines[:-1]:
+        json.loads(line)
+
+
+def expected_prompts(overrides: list[str]) -> list[list[int]]:
+    """The prompts an uninterrupted run takes, step by step (the driver's PromptStream, replayed)."""
+    cfg = load_config(overrides=overrides)
+    stream = PromptStream(load_prompts(cfg.data, cfg.run.seed), cfg.run.seed, cfg.data.shuffle)
+    return [[p.index for p in stream.take(cfg.rollout.prompts_per_step)] for _ in range(cfg.train.steps)]
+
+
+def learner_batches(checkpoint: Path) -> int:
+    """How many batches the learner trained on, from the DeepSpeed checkpoint's client state."""
+    import torch
+
+    [states] = list((checkpoint / "deepspeed").rglob("mp_rank_00_model_states.pt"))
+    return int(torch.load(states, map_location="cpu", weights_only=False)["learner_batches"])
+
+
+def check_finished(run_dir: Path, overrides: list[str] = RUN) -> None:
+    """The run's record after its last launch: one valid row per step, an uninterrupted run's prompts,
+    every trained step trained once, the final checkpoint complete, TensorBoard without stale steps."""
+    steps = load_config(overrides=overrides).train.steps
+    lines = metric_lines(run_dir)
+    rows = [json.loads(line) for line in lines]  # every line valid
+    assert [m["step"] for m in rows] == list(range(1, steps + 1))  # one row per step
+    expected = expected_prompts(overrides)
+    version = 0
+    trained: list[int] = []
+    for m, want in zip(rows, expected):
+        assert sorted(m["data/prompts"]) == sorted(want), m["step"]  # an uninterrupted run's order
+        assert set(m["data/trained_prompts"]) <= set(want)
+        version += 0 if m.get("train/skipped") else 1
+        assert m["policy_version"] == version, m["step"]
+        trained += m["data/trained_prompts"]
+    assert len(trained) == len(set(trained))  # no prompt trained twice
+    final = complete_checkpoints(run_dir)[-1]
+    assert checkpoint_step(final) == steps and (final / "hf" / "model.safetensors").is_file()
+    assert learner_batches(final) == version  # the learner stepped once per trained step, no more
+    # TensorBoard: the events of steps a crashed launch wrote and a resumed one redid are superseded.
+    from tests.test_run_safety import tensorboard_scalars
+
+    tb = tensorboard_scalars(run_dir, "reward/mean")
+    assert [s for s, _ in tb] == list(range(1, steps + 1))
+    assert all(abs(v - m["reward/mean"]) < 1e-6 for (_, v), m in zip(tb, rows))
+
+
+def test_three_kills_chained_then_the_run_finishes(tmp_path, model_cache, tiny_model):
+    run = tmp_path / "run"
+    chain = [
+        "step.after_learn:2",  # mid-step: learned, not broadcast, no metrics, no checkpoint of step 2
+        "checkpoint.during_write:3",  # DeepSpeed's files of step 3 written, driver_state.json not yet
+        "metrics.mid_write:4",  # half of step 4's metrics row on disk
+    ]
+    rc, err = launch(run, "--run-dir", str(run), *RUN, fault=chain[0], model_cache=model_cache)
+    check_after_kill(run, rc, err, chain[0])
+    for fault in [*chain[1:], None]:
+        resume_from = complete_checkpoints(run)[-1]
+        rc, err = launch(run, "--resume", str(run), fault=fault, model_cache=model_cache)
+        # The newest complete checkpoint, never a half-written one (.tmp-step_3 after the second kill).
+        assert f"resuming from {resume_from} (step {checkpoint_step(resume_from)})" in err, err[-3000:]
+        if fault is not None:
+            check_after_kill(run, rc, err, fault)
+            if fault.startswith("checkpoint.during_write"):
+                assert (run / "checkpoints" / ".tmp-step_000003" / "deepspeed").is_dir()
+                assert checkpoint_step(complete_checkpoints(run)[-1]) == 2
+            if fault.startswith("metrics.mid_write"):
+                with pytest.raises(json.JSONDecodeError):
+                    json.loads(metric_lines(run)[-1])  # the cut row the resume must drop
+    assert rc == 0, err[-3000:]
+    check_finished(run)
