@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster import dashboard
 from cluster.config import Config, ConfigError
 from cluster.placement import Plan, ray_cpus_needed
 
@@ -37,8 +38,8 @@ def init_ray(cfg: Config) -> None:
         # ray.init() would join that one, and refuse num_cpus there).
         address="local",
         num_cpus=max(os.cpu_count() or 1, ray_cpus_needed(cfg)),
-        include_dashboard=False,
         log_to_driver=False,
+        **dashboard.ray_init_options(cfg.run),  # Ray's dashboard on 127.0.0.1, behind Ray's token
     )
 
 

@@ -149,7 +149,7 @@ def start_train(run_dir: Path, *args: str, model_cache: Path) -> subprocess.Pope
 
 
 # A short `duet train` for fault tests: 16 prompts a step, no progress lines.
-SMALL_RUN = ["rollout.prompts_per_step=16", "run.progress=false"]
+SMALL_RUN = ["rollout.prompts_per_step=16", "run.progress=false", "train.check_weights_every_steps=1"]
 
 
 def running(p: subprocess.Popen, cond):

@@ -31,7 +31,8 @@ def _submit(cluster, run_dir, model_cache, *overrides: str, wait: bool = True, t
     args = [
         "submit", "--address", cluster.dashboard, "--run-dir", str(run_dir),
         f"model.cache_dir={model_cache}", "run.progress=false", "control.enabled=false",
-        "checkpoint.final=false", "rollout.prompts_per_step=8", "rewards.num_workers=1", *STEERING, *overrides,
+        "checkpoint.final=false", "rollout.prompts_per_step=8", "rewards.num_workers=1", "train.check_weights_every_steps=1", *STEERING,
+        *overrides,
     ]  # fmt: skip
     if not wait:
         args.insert(1, "--no-wait")

@@ -83,6 +83,7 @@ def test_async_one_engine_killed_then_silent_is_replaced_and_control_applies(
         *ASYNC,
         f"rollout.prompts_per_step={per_step}",
         "run.progress=false",
+        "train.check_weights_every_steps=1",
         model_cache=model_cache,
     )
     stopped: list[int] = []
@@ -169,6 +170,7 @@ def test_dead_vllm_processes_under_a_live_actor_are_replaced(tmp_path, model_cac
         "rollout.num_engines=1",
         "rollout.prompts_per_step=8",
         "run.progress=false",
+        "train.check_weights_every_steps=1",
         model_cache=model_cache,
     )
     orphans: list[int] = []
