@@ -114,7 +114,7 @@ def policy_loss(
     π_old is the learner's log-prob of the policy that sampled (the PPO anchor); μ is the engine's
     (vLLM's) log-prob of the same tokens, whose gap to π_old comes from kernels and precision, not from
     learning. Stats (floats, over valid tokens): loss, pg_loss, kl (when used), clip_frac/low (share with
-    ρ < 1 − clip_low and A < 0), clip_frac/high (ρ > 1 + clip_high and A > 0), clip_frac (their sum; the
+    ρ < 1 − clip_low and A < 0), clip_frac/high (ρ > 1 + clip_high and A > 0), clip_frac/total (their sum; the
     tokens whose gradient the clip stops), clip_frac/dual (ρ > dual_clip and A < 0, when used), ratio/mean,
     logprob_gap = mean |log π_old − log μ| (when μ given), tis/mean_weight (when used).
     """
@@ -153,7 +153,7 @@ def policy_loss(
         low = masked_mean(((ratio < 1.0 - clip_low) & (adv < 0)).to(ratio.dtype), m).item()
         high = masked_mean(((ratio > 1.0 + clip_high) & (adv > 0)).to(ratio.dtype), m).item()
         stats["loss"], stats["pg_loss"] = loss.item(), pg_loss.item()
-        stats["clip_frac/low"], stats["clip_frac/high"], stats["clip_frac"] = low, high, low + high
+        stats["clip_frac/low"], stats["clip_frac/high"], stats["clip_frac/total"] = low, high, low + high
         stats["ratio/mean"] = masked_mean(ratio, m).item()
         if dual_clip is not None:
             dual = ((ratio > dual_clip) & (adv < 0)).to(ratio.dtype)

@@ -269,7 +269,7 @@ class LearnerWorker:
             weight_total += n_tok
             sums["train/entropy"] = sums.get("train/entropy", 0.0) + float((entropy * mask).sum())
             for key in (
-                "clip_frac",
+                "clip_frac/total",
                 "clip_frac/low",
                 "clip_frac/high",
                 "clip_frac/dual",

@@ -80,7 +80,7 @@ def test_updates_per_batch_moves_the_ratio(local_ray, tiny_model):
         stats = learner.train_step(groups)
         assert "train/updates" not in stats and "time/old_logprobs_s" not in stats
         assert stats["train/ratio/mean"] == 1.0, stats
-        assert stats["train/clip_frac"] == 0.0
+        assert stats["train/clip_frac/total"] == 0.0
         assert stats["train/tokens"] == n_tokens
     finally:
         learner.shutdown()

@@ -78,7 +78,7 @@ def test_two_grpo_is_a_contrastive_pair_loss(tiny_lm):
     lp, mask = lm_batch(tiny_lm, lens)
     loss, stats = policy_loss(lp, lp.detach(), adv, mask, **CLIP)
     assert loss.item() == 0.0  # ratio ≡ 1 and each pair's A sums to 0
-    assert stats["clip_frac"] == 0.0 and stats["ratio/mean"] == 1.0
+    assert stats["clip_frac/total"] == 0.0 and stats["ratio/mean"] == 1.0
     g_loss = grads(tiny_lm, loss)
 
     lp, mask = lm_batch(tiny_lm, lens)
@@ -119,7 +119,7 @@ def test_grpo_surrogate_is_scaled_mean_difference(G, correct, on_policy):
     shift = 0.0 if on_policy else 0.1 * (2 * torch.rand(G, T, dtype=F64) - 1)  # ratios in [.905, 1.105]
     old = lp.detach() + shift
     loss, stats = policy_loss(lp, old, adv, mask, **CLIP)
-    assert stats["clip_frac"] == 0.0
+    assert stats["clip_frac/total"] == 0.0
     (g_loss,) = torch.autograd.grad(loss, logits)
 
     lp = token_logprobs(logits, targets)
@@ -173,7 +173,7 @@ def test_clip_bounds_stop_gradient_exactly_where_they_should():
     # Per token: A=+1 → −[.79, .81, 1.27, 1.28], mean −1.0375; A=−1 → [.8, .81, 1.27, 1.29], mean 1.0425.
     assert loss == pytest.approx((-1.0375 + 1.0425) / 2, abs=1e-12)  # .0025
     assert stats["clip_frac/low"] == 1 / 8 and stats["clip_frac/high"] == 1 / 8
-    assert stats["clip_frac"] == 0.25
+    assert stats["clip_frac/total"] == 0.25
     assert stats["ratio/mean"] == pytest.approx(1.04)  # 2·(.79 + .81 + 1.27 + 1.29)/8
 
 
