@@ -288,3 +288,21 @@ def assert_samples_from(ray, engine, model, version: int, prompts: int) -> None:
             hf = torch.tensor([logp[p - 1 + i, t].item() for i, t in enumerate(c.token_ids)])
             assert c.version_start == c.version_end == version
             assert torch.allclose(hf, torch.tensor(c.logprobs), atol=1e-3), (hf, c.logprobs)
+
+
+def kill_run_and_its_ray(proc: subprocess.Popen, token: str) -> None:
+    """Kill `proc`'s process group, then every process whose environment holds `token` as
+    RAY_AUTH_TOKEN: Ray's workers sit in process groups of their own, and the test's own token marks
+    them as ours. Other Ray instances on the machine live on."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    mark = f"RAY_AUTH_TOKEN={token}".encode()
+    for pid_dir in Path("/proc").iterdir():
+        try:
+            if pid_dir.name.isdigit() and mark in (pid_dir / "environ").read_bytes().split(b"\0"):
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+        except OSError:
+            pass

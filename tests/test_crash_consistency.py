@@ -17,7 +17,7 @@ import pytest
 
 from cluster.config import load_config
 from cluster.data import PromptStream, load_prompts
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import REPO, duet_cmd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 
 from cluster.metrics import read_metrics
 from cluster.trackers import scalars
-from tests.conftest import REPO, duet_cmd
+from tests.helpers import REPO, duet_cmd, kill_run_and_its_ray
 from tests.trackers_readback import mlflow_run, tensorboard_scalars, wandb_offline_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -61,21 +60,6 @@ def _wait(cond, timeout_s: float, what: str, run: subprocess.Popen | None = None
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _kill_ours(proc: subprocess.Popen, token: str) -> None:
-    """The run's process group, then any Ray process of this run's local Ray (found by the test's
-    own token in its environment: Ray workers sit in process groups of their own)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    mark = f"RAY_AUTH_TOKEN={token}".encode()
-    for pid_dir in Path("/proc").iterdir():
-        try:
-            if pid_dir.name.isdigit() and mark in (pid_dir / "environ").read_bytes().split(b"\0"):
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cache, tiny_model, monkeypatch):
@@ -163,7 +147,7 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
     finally:
         if browser is not None:
             browser.quit()
-        _kill_ours(proc, token)
+        kill_run_and_its_ray(proc, token)
         stderr.close()
 
     err = (tmp_path / "stderr.txt").read_text()

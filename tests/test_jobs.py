@@ -6,7 +6,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,31 +20,18 @@ from cluster import jobs
 from cluster.config import load_config
 from cluster.jobs import REPO_ROOT, runtime_env, train_args
 from cluster.metrics import read_metrics
-from tests.helpers import REPO, free_ports, integration_fixture, run_duet
+from tests.helpers import REPO, free_ports, integration_fixture, kill_run_and_its_ray, run_duet
 
 
 def _kill_ours(proc: subprocess.Popen, token: str) -> None:
     """Stop the head we started: `ray start --block` shuts its processes down on SIGTERM (about 2 s;
-    signalling the whole group instead makes it wait ~30 s), then its group is killed, then any
-    straggler of ours: Ray workers run in process groups of their own, so they are found by the
-    test's own token in their environment. Other Ray instances on the machine live on."""
+    signalling the whole group instead makes it wait ~30 s), then whatever of ours is left."""
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    mark = f"RAY_AUTH_TOKEN={token}".encode()
-    for pid_dir in Path("/proc").iterdir():
-        try:
-            if pid_dir.name.isdigit() and mark in (pid_dir / "environ").read_bytes().split(b"\0"):
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-        except OSError:
-            pass
+    kill_run_and_its_ray(proc, token)
 
 
 def _path_without_this_environment() -> str:
