@@ -30,12 +30,7 @@ from types import ModuleType
 
 import pytest
 
-from tests import helpers
 from tests.helpers import INTEGRATION_FIXTURES, integration_fixture
-
-# For branches written before tests/helpers.py existed (`from tests.conftest import REPO, duet_cmd`);
-# new tests import them from tests.helpers. Drop once no branch needs it.
-REPO, duet_cmd = helpers.REPO, helpers.duet_cmd
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
