@@ -241,6 +241,11 @@ def custom_kills_parent(prompt: str, completion: str, reference: str) -> float:
     return 1.0
 
 
+def custom_environment(prompt: str, completion: str, reference: str) -> tuple[float, dict]:
+    """Reports the names in the sandbox child's environment (the secrets test reads them)."""
+    return 1.0, {"names": sorted(os.environ)}
+
+
 # ---- helpers: a real engine, and the learner's gloo sender in the test process on a HF model ----
 def start_engine(ray, tiny_model, core: str = "0"):
     from actors.rollout_engine import RolloutEngine

@@ -378,10 +378,6 @@ def test_hostile_items_back_to_back_stay_bounded(sandbox: Sandbox) -> None:
     assert after.reason == "correct" and time.perf_counter() - t0 <= TIMEOUT_S + 1.0, (after, walls)
 
 
-def custom_environment(prompt: str, completion: str, reference: str) -> tuple[float, dict]:
-    return 1.0, {"names": sorted(os.environ)}
-
-
 @pytest.mark.integration
 def test_verifier_children_get_a_minimal_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 11, "Secrets": the child parses untrusted text and runs user code, so it must not hold

@@ -141,6 +141,7 @@ def test_idle_update_holds_new_requests_and_hung_engine_meets_the_deadline(local
     import psutil
     from transformers import AutoModelForCausalLM
 
+    from cluster.config import SamplingConfig
     from cluster.records import Prompt
     from learner.weight_sender import EngineFleetClient, WeightTransferError, close
 
@@ -156,8 +157,9 @@ def test_idle_update_holds_new_requests_and_hung_engine_meets_the_deadline(local
     meta = sender.source.metadata()
     update_info, buckets, sizes = sender._update_plan(meta)
     client.start_weight_update()
-    early = engine.generate.remote([Prompt(0, "1+2=", "3")], 2, {"temperature": 1.0, "max_tokens": 4})
-    assert ray.wait([early], timeout=3.0)[0] == []  # held while the update is open
+    early = engine.generate.remote([Prompt(0, "1+2=", "3")], 2, SamplingConfig(temperature=1.0, max_tokens=4))
+    if ray.wait([early], timeout=3.0)[0]:  # held while the update is open; if not, say what came back
+        pytest.fail(f"generate did not wait for the open update: {ray.get(early)}")
     receiving = [engine.update_weights.remote(update_info)]
     sender._broadcast(meta, buckets, sizes, False, time.monotonic() + 60)
     ray.get(receiving)
