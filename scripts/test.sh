@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 ruff check .
 ruff format --check .
 export DUET_TEST_MODEL_CACHE="${DUET_TEST_MODEL_CACHE:-$(mktemp -d)}"
-exec python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+exec python -m pytest -q -p no:cacheprovider --durations=40 "$@"
