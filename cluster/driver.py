@@ -291,7 +291,7 @@ class Trainer:
             return sent
         try:
             return self.actors.learner_call(self.learner.broadcast, self.version, checksum)
-        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError):
+        except ENGINE_FAILURES:  # or a learner-side failure: heal finds no dead engine and it is re-raised
             sent = self.healer.heal("died during a broadcast", self.version)
             if sent is None:
                 raise
