@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import faults
+from cluster.config import Config
 
 _TAG = "state"  # DeepSpeed's tag inside deepspeed/
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -130,3 +131,42 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
         os.fsync(f.fileno())
     tmp.replace(path)
     fsync_dir(run_dir)
+
+
+class RunCheckpoints:
+    """A run's checkpoints as the driver takes them: the learner's state with the driver's beside it (step,
+    policy version, prompt-stream position, watchdog counts), and resuming from one. `actors` is the run's
+    RunActors: its learner, and `learner_call`, through which a dead learner rank stops the run with a
+    resume hint."""
+
+    def __init__(self, run_dir: Path, cfg: Config, model_path: str, actors: Any) -> None:
+        self.run_dir, self.cfg, self.model_path, self.actors = run_dir, cfg, model_path, actors
+
+    def save(self, step: int, version: int, prompts: Any, watchdog: Any, export: bool = False) -> Path:
+        """A checkpoint of `step` (with a Hugging Face export when `export`); see save_checkpoint."""
+        state = {
+            "step": step,
+            "policy_version": version,
+            "prompts": prompts.state(),
+            "watchdog": watchdog.state(),
+            # Sampling RNG is reseeded per step from (run.seed, step), so the step number restores it.
+            "rng": {"scheme": "engines reseeded from run.seed and the step", "seed": self.cfg.run.seed},
+        }
+        export_from = self.model_path if export else None
+        learner, keep = self.actors.learner, self.cfg.checkpoint.keep
+        return self.actors.learner_call(
+            save_checkpoint, self.run_dir, step, state, learner, keep, export_from
+        )
+
+    def of_step(self, step: int) -> Path | None:
+        """The complete checkpoint of `step`, if one was written."""
+        done = self.run_dir / "checkpoints" / f"step_{step:06d}"
+        return done if (done / "driver_state.json").exists() else None
+
+    def load(self, checkpoint: Path, prompts: Any, watchdog: Any) -> tuple[int, int]:
+        """The learner's state from `checkpoint`; the prompt stream and the watchdog are restored to theirs.
+        Returns (step, policy version)."""
+        state = self.actors.learner_call(load_checkpoint, checkpoint, self.actors.learner)
+        prompts.load_state(state["prompts"])
+        watchdog.load_state(state.get("watchdog"))
+        return state["step"], state["policy_version"]

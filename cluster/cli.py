@@ -114,8 +114,9 @@ def _train(argv: list[str]) -> int:
         for w in warnings:
             print(f"warning: {w}")
         return 0
-    from cluster.driver import RunStopped, train
+    from cluster.driver import train
     from cluster.preflight import PreflightError
+    from cluster.runtime import RunStopped
 
     try:
         run_dir = train(cfg, args.run_dir, resume=bool(args.resume))

@@ -88,7 +88,7 @@ class RolloutFleet:
         """Spread prompts over the engines, least-loaded first; a prompt's whole group goes to one engine.
         Returns (slot, its prompts, the generate call's ref) per engine that got prompts."""
         # A dead engine reads as idle: it gets its share, its generate call fails at once, and the
-        # caller's recovery (the driver's heal_fleet, then a resubmission) runs on the prompts it held.
+        # caller's recovery (FleetHealer.heal in cluster/healing.py, then a resubmission) runs on the prompts it held.
         loads = [0 if n is None else n for n in self._each("load")]
         chunks: list[list[Prompt]] = [[] for _ in self.engines]
         for p in prompts:

@@ -46,7 +46,7 @@ def cluster_nodes() -> list[Node]:
 
 
 def local_nodes(cfg: Config) -> list[Node]:
-    """The node a local Ray would start on this machine (cluster/driver.py's init_ray)."""
+    """The node a local Ray would start on this machine (cluster/runtime.py's init_ray)."""
     gpus = 0
     try:
         import torch

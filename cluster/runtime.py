@@ -1,4 +1,5 @@
-"""What a run needs around the loop: Ray, the model folder, the run directory and the files in it.
+"""What a run needs around the loop: Ray (started without the driver's secrets), the model folder, the run
+directory and the files in it.
 
     RUN_DIR/config.yaml     the resolved config (secrets left out); `duet train --resume` reads it back
     RUN_DIR/actors.json     the live processes (driver, engines, learner ranks, reward workers)
@@ -10,10 +11,12 @@ Ray is imported only by the functions that need it: the CLI checks a config with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,35 @@ from cluster.config import Config, ConfigError
 from cluster.placement import Plan, ray_cpus_needed
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (e.g. a learner rank died); the message says from where to resume."""
+
+
+def start_ray(cfg: Config, run_dir: Path) -> None:
+    """Ray for this run (see init_ray), started without the driver's secrets in its environment; a Ray
+    this process started is announced (its dashboard's URL), one set up before (tests, benchmarks) is not."""
+    import ray
+
+    connects_here = not ray.is_initialized()
+    with without_secrets(cfg):  # Ray's workers inherit the driver's environment: not our tokens
+        init_ray(cfg)
+    if connects_here:
+        dashboard.announce(run_dir, cfg.run, local=not os.environ.get("RAY_ADDRESS"))
+
+
+@contextlib.contextmanager
+def without_secrets(cfg: Config) -> Iterator[None]:
+    """The driver's environment without the variables that hold its secrets (the control token's, the
+    remote reward server's), while Ray starts: Ray's processes, and every worker they start, inherit
+    the environment of the process that started them. The driver keeps them (it reads them)."""
+    names = {cfg.control.token_env, getattr(cfg.rewards, "remote_token_env", "DUET_REWARD_TOKEN")}
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def init_ray(cfg: Config) -> None:

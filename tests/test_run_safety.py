@@ -13,8 +13,9 @@ import pytest
 from cluster.checkpoints import latest_checkpoint, save_checkpoint, truncate_metrics
 from cluster.cli import main
 from cluster.control import RunControl
-from cluster.driver import Trainer, progress_line
+from cluster.driver import Trainer
 from cluster.metrics import MetricsWriter
+from cluster.reporting import progress_line
 from cluster.runtime import write_timeline
 from tests.test_runtime import FolderLearner
 

@@ -107,7 +107,7 @@ def test_planted_tokens_leak_nowhere(tmp_path, model_cache, tiny_model):
 
 def test_ray_starts_without_the_drivers_secret_variables(monkeypatch):
     from cluster.config import Config
-    from cluster.driver import without_secrets
+    from cluster.runtime import without_secrets
 
     monkeypatch.setenv("DUET_CONTROL_TOKEN", "c")
     monkeypatch.setenv("DUET_REWARD_TOKEN", "r")

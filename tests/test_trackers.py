@@ -120,7 +120,8 @@ def test_a_logger_that_cannot_start_stops_the_run_before_any_actor(
 ):
     import ray
 
-    from cluster.driver import RunStopped, train
+    from cluster.driver import train
+    from cluster.runtime import RunStopped
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -1,0 +1,91 @@
+"""Engine recovery, the one path: every place that finds an engine dead comes here.
+
+An engine dies two ways: its actor (a call raises RayActorError) or vLLM's own processes under a live
+actor (RayTaskError wrapping EngineDeadError; the actor's `alive()` answers False); or it hangs. A
+failure only says that something went wrong, so `heal` asks every engine a cheap liveness question,
+replaces those that are dead or silent in their slots, and gives the changed fleet a new weight-transfer
+group and the current weights before it takes prompts (RunActors.reconnect_fleet): an engine never
+generates with stale weights. The asynchronous producer is held meanwhile, so it never submits to a
+fleet that is changing; it reports the engines whose calls failed (`lost_engines`) and replaces none.
+
+Callers: the synchronous rollout (before a step, and a chunk whose engine died), the asynchronous wait
+(lost engines, a stall), the broadcast, the sync check, evaluation, and the control API's scale request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ray
+
+from cluster.pipeline import RolloutProducer, failure_name
+from cluster.run_actors import RunActors
+
+# What a call on an engine raises when the engine died: its actor (RayActorError), or vLLM's processes
+# under a live actor (RayTaskError wrapping EngineDeadError). Which one it was, `heal` asks the fleet.
+ENGINE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)
+
+
+class FleetHealer:
+    """Replaces dead engines of `actors.fleet`, holding `producer` (asynchronous mode) meanwhile. Every
+    method takes the current policy `version`: the weights a replaced engine is given."""
+
+    def __init__(self, actors: RunActors, producer: RolloutProducer | None = None) -> None:
+        self.actors, self.producer = actors, producer
+
+    def heal(self, reason: str, version: int, timeout_s: float = 30.0) -> dict | None:
+        """Replace the engines that died (found by a cheap call answered within `timeout_s`), reconnect and
+        push the current weights. Returns the broadcast's result, or None when every engine was alive."""
+        fleet = self.actors.fleet
+        dead = fleet.dead_slots(timeout_s)
+        if not dead:
+            return None
+        with self.held():
+            for k, what in dead.items():
+                fleet.replace(k, f"{reason}: {what}", version, answers=what == "vLLM died")
+            return self.actors.reconnect_fleet(version)
+
+    def retry(self, fn: Callable[[], Any], reason: str, version: int) -> Any:
+        """Run `fn()`; if an engine died meanwhile, heal the fleet and run it again."""
+        try:
+            return fn()
+        except ENGINE_FAILURES:
+            if self.heal(reason, version) is None:
+                raise
+            return fn()
+
+    def replaced(self, engine_id: int, error: BaseException, version: int) -> bool:
+        """Engine `engine_id`'s generate call failed with `error`: heal (another failure may have replaced
+        it already). False when it still answers a liveness call: not a death to mend."""
+        self.heal(f"died mid-step: {failure_name(error)}", version)
+        return engine_id not in self.actors.fleet.ids
+
+    def heal_lost_engines(self, version: int) -> bool:
+        """Replace the engines whose calls failed in the producer; True when there were any. An engine that
+        failed a call but is alive is an error the run cannot mend: raised."""
+        lost = self.producer.lost_engines()
+        if not lost:
+            return False
+        self.heal(f"died mid-step: {', '.join(sorted(set(lost.values())))}", version)
+        alive = {i: e for i, e in lost.items() if i in self.actors.fleet.ids}
+        if alive:
+            raise RuntimeError(
+                f"engines {sorted(alive)} failed a generate call but are alive: {alive}"
+            ) from self.producer.error_of(next(iter(alive)))
+        return True
+
+    def resize(self, engines: int, version: int) -> None:
+        """The control API's scale request, applied between steps: engines removed finish their groups
+        first; new engines get the current weights before they take prompts."""
+        if engines != len(self.actors.fleet.engines):
+            with self.held(drain=True):
+                self.actors.fleet.resize(engines, version)
+                self.actors.reconnect_fleet(version)
+
+    @contextlib.contextmanager
+    def held(self, drain: bool = False) -> Iterator[None]:
+        """The producer (if any) submits nothing while the fleet changes; see RolloutProducer.held."""
+        with self.producer.held(drain) if self.producer else contextlib.nullcontext():
+            yield

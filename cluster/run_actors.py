@@ -1,0 +1,141 @@
+"""RunActors: every actor a run holds, started, connected, asked and released in one place.
+
+    learner placement group ─► LearnerGroup (DeepSpeed ranks)      ReplayQueue (one actor)
+    RolloutFleet (vLLM engines, one placement group each)           RewardPool (reward workers)
+
+`start` places and starts them (failing in seconds, naming what is missing, when the cluster cannot
+hold the plan) and opens the weight-transfer group between learner rank 0 and the engines;
+`reconnect_fleet` re-opens it after the fleet changed and pushes the current weights; `learner_call`
+turns a dead learner rank into RunStopped with the resume hint; `write_actors` keeps RUN_DIR/actors.json
+current. The driver's loop uses the parts (fleet, rewards, queue, learner) directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group
+
+from actors.replay_queue import ReplayQueue
+from cluster import runtime
+from cluster.checkpoints import latest_checkpoint
+from cluster.config import Config
+from cluster.fleet import RolloutFleet
+from cluster.placement import make_plan
+from cluster.preflight import check_plan, check_run_dir, node_addresses, wait_placed
+from cluster.runtime import RunStopped
+from learner.group import LearnerGroup
+from rewards.pool import RewardPool
+
+
+class RunActors:
+    """Built before Ray starts (the plan is checked against the config at once); `start` starts the actors.
+    `step_now()` is the step the run is at, for the message when a learner rank dies."""
+
+    def __init__(self, cfg: Config, run_dir: Path, step_now: Callable[[], int]) -> None:
+        self.cfg, self.run_dir, self.step_now = cfg, run_dir, step_now
+        self.plan = make_plan(cfg)  # a config the planner refuses fails here, before anything starts
+        self.fleet: RolloutFleet | None = None
+        self.rewards: RewardPool | None = None
+        self.queue: Any = None  # the ReplayQueue actor's handle
+        self.learner: LearnerGroup | None = None
+        self.learner_pg: Any = None
+        self._events_seen = 0
+
+    def start(self, model_path: str, version: int) -> None:
+        """Placement, actors (on the model in `model_path`) and the weight-transfer group; the engines
+        start at policy `version`."""
+        cfg = self.cfg
+        # Fails in seconds, naming what is missing, when the cluster cannot hold the plan.
+        plan, warnings = check_plan(cfg)
+        self.plan = plan
+        for w in warnings:
+            print(f"duet: {w}", file=sys.stderr, flush=True)
+        self.learner_pg = placement_group(plan.learner_bundles, strategy="PACK")
+        wait_placed(self.learner_pg, cfg.cluster.placement_timeout_s, "learner")
+        check_run_dir(self.run_dir, self.learner_pg, cfg.cluster.placement_timeout_s)
+        self.fleet = RolloutFleet(cfg, plan, model_path)
+        self.rewards = RewardPool(cfg.rewards)
+        self.queue = ReplayQueue.remote(
+            cfg.train.queue_capacity_groups, cfg.train.max_staleness_versions, cfg.algorithm.filter_tied
+        )
+        self.learner = LearnerGroup(cfg, model_path, self.learner_pg, plan.device, plan.learner_threads)
+        self.fleet.start(cfg.rollout.num_engines, version)
+        self.connect_fleet()
+
+    def connect_fleet(self) -> None:
+        """Open the weight-transfer group between learner rank 0 and every engine's workers."""
+        self.learner_call(
+            self.learner.init_broadcast,
+            self.fleet.engines,
+            self.fleet.workers_per_engine,
+            self.plan.weight_transfer,
+        )
+
+    def reconnect_fleet(self, version: int) -> dict:
+        """A changed fleet gets a new transfer group and the weights of `version` before it takes prompts.
+        Returns the broadcast's result."""
+        self.learner_call(self.learner.shutdown_broadcast)
+        self.connect_fleet()
+        sent = self.learner_call(self.learner.broadcast, version)
+        self.write_actors()
+        return sent
+
+    def learner_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a call on the learner group; a dead rank stops the run with a message naming the checkpoint."""
+        try:
+            return fn(*args)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            # A task error may be a live rank whose collective lost a dead peer: ask which ranks are gone.
+            dead = self.learner.dead_ranks()
+            if not dead:
+                raise  # every rank is alive; the task failed (e.g. an engine it was sending to died)
+            last = latest_checkpoint(self.run_dir)
+            where = f"last checkpoint: {last}" if last else "no checkpoint was written yet"
+            raise RunStopped(
+                f"a learner rank died at step {self.step_now()} (rank {dead[0]}, {type(e).__name__}); the run "
+                f"cannot go on without it. {where}. Continue with: duet train --resume {self.run_dir}"
+            ) from None
+
+    def new_events(self) -> list[dict]:
+        """Engine replacements, fleet resizes and reward-worker replacements since the last call, for the
+        step's metrics row."""
+        events = self.fleet.events + [dict(e, component="reward_worker") for e in self.rewards.replaced]
+        new, self._events_seen = events[self._events_seen :], len(events)
+        return new
+
+    def write_actors(self) -> None:
+        """RUN_DIR/actors.json: the live processes (for operators, and for the fault tests that kill them)."""
+        where = node_addresses()  # node id → address: which host each actor runs on
+        engines = [
+            {"id": i, "pid": r and r["pid"], "address": r and where.get(r["node"])}
+            for i, r in zip(self.fleet.ids, self.fleet.ready_info())
+        ]
+        ranks = self.learner_call(self.learner.ready_info)
+        runtime.write_actors(
+            self.run_dir,
+            engines,
+            [r["pid"] for r in ranks],
+            self.rewards.worker_pids(),
+            driver_address=ray.util.get_node_ip_address(),
+            learner_addresses=[where.get(r["node"]) for r in ranks],
+            rendezvous=getattr(self.learner, "rendezvous", None),
+        )
+
+    def shutdown(self) -> None:
+        """Release everything this run holds, so several runs can share one Ray (benchmarks, tests)."""
+        for part in (self.fleet, self.rewards, self.learner):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.shutdown()
+        if self.queue is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(self.queue)
+        if self.learner_pg is not None:
+            with contextlib.suppress(Exception):
+                ray.util.remove_placement_group(self.learner_pg)
