@@ -21,12 +21,18 @@ FLOPs of a step (3 × forward: the layers on every padded position, attention sc
 completion positions) ÷ the step's median time, against the machine's measured fp32 matmul peak
 (torch.mm of 2048² at the same thread count, best of a few seconds).
 
+4. whole steps (`--steps N`, 0 skips): `duet train`'s Trainer on the same model, data, reward and batch
+   shape (algorithm.filter_tied=false: every group is trained, as in the single-process reference),
+   synchronous, then asynchronous with k = 1 (engine bound to core 0, learner pinned to core 1); the
+   median time/step_s after `--warmup` steps, and its split (time/generate_s, time/train_s,
+   time/broadcast_s). The single-process reference step is generate (1) + plain step (2).
+
 Writes benchmarks/results/real_model.json: learner_plain_ratio (learner median ÷ plain median),
-learner_memory_ratio (peak RSS ratio), the FLOP/s figures, the generation reference, the machine (with
-its load average: the machine is shared), date and command. Goals (issue 13): learner_plain_ratio ≤ 1.2,
-learner_memory_ratio ≤ 1.5. The whole-step ratios (sync_step_ratio, async_step_ratio: `duet train`
-steps against generate + plain step) need runs of `duet train` at this size and are written as null
-here. `--quick`: 1 rep; writes real_model_quick.json.
+learner_memory_ratio (peak RSS ratio), sync_step_ratio and async_step_ratio (whole step ÷ the
+single-process step; null without `--steps`), the FLOP/s figures, the generation reference, the machine
+(with its load average: the machine is shared), date and command. Goals (issue 13): learner_plain_ratio
+≤ 1.2, learner_memory_ratio ≤ 1.5, sync_step_ratio ≤ 1.0, async_step_ratio ≤ 0.8. `--quick`: 1 rep, no
+whole steps; writes real_model_quick.json.
 """
 
 from __future__ import annotations
@@ -49,7 +55,12 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import RESULTS, provenance  # noqa: E402
 
-GOALS = {"learner_plain_ratio_max": 1.2, "learner_memory_ratio_max": 1.5}
+GOALS = {
+    "learner_plain_ratio_max": 1.2,
+    "learner_memory_ratio_max": 1.5,
+    "sync_step_ratio_max": 1.0,
+    "async_step_ratio_max": 0.8,
+}
 GIB = 1 << 30
 
 
@@ -270,6 +281,85 @@ def learner_steps(args: argparse.Namespace, batch: list[dict]) -> dict:
         ray.shutdown()
 
 
+# ---------------------------------------------------------------- whole steps of `duet train`
+def whole_steps(args: argparse.Namespace, root: Path) -> dict:
+    """Trainer runs of `args.steps` steps, sync then async k = 1; medians after `args.warmup` steps."""
+    import ray
+
+    from cluster.config import load_config
+    from cluster.driver import Trainer
+    from cluster.metrics import read_metrics
+    from cluster.runtime import init_ray
+
+    common = [
+        f"model.path={args.model}",
+        f"data.path={args.data}",
+        "rewards.verifier=custom",
+        "rewards.custom_function=learner.smollm2:first_number_is_answer",
+        f"rollout.group_size={args.group_size}",
+        f"rollout.prompts_per_step={args.prompts}",
+        f"rollout.max_tokens={args.max_tokens}",
+        "learner.lr=1e-5",
+        "algorithm.filter_tied=false",  # every group trained, as the single-process reference does
+        f"train.steps={args.steps}",
+        "control.enabled=false",
+        "checkpoint.final=false",
+        "run.progress=false",
+        "run.ray_metrics=false",
+    ]
+    modes = {
+        "sync": ["train.max_staleness_versions=0"],
+        # the engine and the learner at once: each on its own core, as benchmarks/pipeline.py runs them
+        "async k=1": [
+            "train.max_staleness_versions=1",
+            "rollout.cpu_threads_bind='0'",
+            "learner.cpu_affinity='1'",
+        ],
+    }
+    out: dict = {}
+    try:
+        for name, extra in modes.items():
+            run_dir = root / name.replace(" ", "_").replace("=", "")
+            cfg = load_config(overrides=[*common, *extra, f"run.run_dir={run_dir}"])
+            init_ray(cfg)
+            t0 = time.perf_counter()
+            Trainer(cfg, run_dir).run()
+            metrics = [m for m in read_metrics(run_dir) if m["step"] > args.warmup]
+
+            def med(key: str, metrics: list[dict] = metrics) -> float:
+                return statistics.median(m.get(key, 0.0) for m in metrics)
+
+            out[name] = {
+                "step_s_median": med("time/step_s"),
+                "generate_s_median": med("time/generate_s"),
+                "train_s_median": med("time/train_s"),
+                "broadcast_s_median": med("time/broadcast_s"),
+                "wait_data_s_median": med("time/wait_data_s"),
+                "measured_steps": len(metrics),
+                "per_step": [
+                    {
+                        k: m.get(k)
+                        for k in (
+                            "step",
+                            "time/step_s",
+                            "time/generate_s",
+                            "time/train_s",
+                            "time/broadcast_s",
+                        )
+                    }
+                    for m in metrics
+                ],
+                "queue": metrics[-1].get("queue") if metrics else None,
+                "overrides": extra,
+                "total_s": time.perf_counter() - t0,
+                "load_avg": _load_avg(),
+            }
+            print(f"{name}: step {out[name]['step_s_median']:.2f} s (median of {len(metrics)})", flush=True)
+    finally:
+        ray.shutdown()
+    return out
+
+
 # ---------------------------------------------------------------- FLOPs of a step
 def step_flops(model_dir: str, batch: list[dict], width: int) -> float:
     """Matmul FLOPs of one training step: 3 × forward (backward ≈ 2 × forward)."""
@@ -299,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--reps", type=int, default=3, help="timed steps of each, after one warm-up step")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the learner and the plain step")
+    ap.add_argument("--steps", type=int, default=4, help="steps of each whole-step run (0: skip them)")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps of a whole-step run left out")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--quick", action="store_true", help="1 timed step of each")
     ap.add_argument("--child", choices=("generate", "plain"), help=argparse.SUPPRESS)
@@ -309,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(fn(args)))
         return 0
     if args.quick:
-        args.reps = 1
+        args.reps, args.steps = 1, 0
+    if args.steps and args.steps <= args.warmup:
+        ap.error("--steps must be larger than --warmup (or 0)")
     if not (Path(args.model) / "config.json").exists():
         ap.error(f"--model {args.model}: no config.json (build it: python -m learner.smollm2 --out DIR)")
     started, load_before = datetime.now(timezone.utc), _load_avg()
@@ -326,27 +420,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"learner step: {learner['step_s']} s, peak {learner['peak_rss_gib']:.2f} GiB", flush=True)
         plain_after = run_child(args, "plain", batch_path)
         print(f"plain step again: {plain_after['step_s']} s", flush=True)
+        runs = whole_steps(args, Path(tmp)) if args.steps else {}
     plain_s = statistics.median(plain_before["step_s"] + plain_after["step_s"])
     learner_s = statistics.median(learner["step_s"])
     plain_peak = max(plain_before["peak_rss_gib"], plain_after["peak_rss_gib"])
     flops = step_flops(args.model, batch, plain_before["padded_width"])
     peak_flops = max(plain_before["matmul_peak_flops"], plain_after["matmul_peak_flops"])
+    single = gen["generate_s"] + plain_s
+    sync = runs["sync"]["step_s_median"] / single if "sync" in runs else None
+    asyn = runs["async k=1"]["step_s_median"] / single if "async k=1" in runs else None
+    met = {
+        "learner_plain_ratio": learner_s / plain_s <= GOALS["learner_plain_ratio_max"],
+        "learner_memory_ratio": learner["peak_rss_gib"] / plain_peak <= GOALS["learner_memory_ratio_max"],
+    }
+    if sync is not None:
+        met["sync_step_ratio"] = sync <= GOALS["sync_step_ratio_max"]
+    if asyn is not None:
+        met["async_step_ratio"] = asyn <= GOALS["async_step_ratio_max"]
     results = {
         "benchmark": "real_model",
         "learner_plain_ratio": learner_s / plain_s,
         "learner_memory_ratio": learner["peak_rss_gib"] / plain_peak,
-        "sync_step_ratio": None,
-        "async_step_ratio": None,
-        "whole_step_note": "sync_step_ratio and async_step_ratio need `duet train` runs at this size; "
-        "not measured by this script",
-        "goals": {
-            **GOALS,
-            "met": {
-                "learner_plain_ratio": learner_s / plain_s <= GOALS["learner_plain_ratio_max"],
-                "learner_memory_ratio": learner["peak_rss_gib"] / plain_peak
-                <= GOALS["learner_memory_ratio_max"],
-            },
-        },
+        "sync_step_ratio": sync,
+        "async_step_ratio": asyn,
+        "goals": {**GOALS, "met": met},
         "learner_step_s_median": learner_s,
         "plain_step_s_median": plain_s,
         "learner_peak_rss_gib": learner["peak_rss_gib"],
@@ -358,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         "learner_peak_fraction": flops / learner_s / peak_flops,
         "plain_peak_fraction": flops / plain_s / peak_flops,
         "generate_reference_s": gen["generate_s"],
-        "single_process_step_s": gen["generate_s"] + plain_s,
+        "single_process_step_s": single,
+        "step_split": runs,
         "generation": gen,
         "plain": {"before_learner": plain_before, "after_learner": plain_after},
         "learner": learner,
@@ -383,7 +481,19 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ("real_model_quick.json" if args.quick else "real_model.json")
     path.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps({k: results[k] for k in ("learner_plain_ratio", "learner_memory_ratio")}))
+    print(
+        json.dumps(
+            {
+                k: results[k]
+                for k in (
+                    "learner_plain_ratio",
+                    "learner_memory_ratio",
+                    "sync_step_ratio",
+                    "async_step_ratio",
+                )
+            }
+        )
+    )
     print(f"results written to {path}")
     return 0
 
