@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -323,7 +324,12 @@ def whole_steps(args: argparse.Namespace, root: Path) -> dict:
             cfg = load_config(overrides=[*common, *extra, f"run.run_dir={run_dir}"])
             init_ray(cfg)
             t0 = time.perf_counter()
-            Trainer(cfg, run_dir).run()
+            try:
+                Trainer(cfg, run_dir).run()
+            except Exception as e:  # the learner/plain figures above still get written
+                traceback.print_exc()
+                out[name] = {"error": f"{type(e).__name__}: {e}"}
+                continue
             metrics = [m for m in read_metrics(run_dir) if m["step"] > args.warmup]
 
             def med(key: str, metrics: list[dict] = metrics) -> float:
@@ -427,8 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     flops = step_flops(args.model, batch, plain_before["padded_width"])
     peak_flops = max(plain_before["matmul_peak_flops"], plain_after["matmul_peak_flops"])
     single = gen["generate_s"] + plain_s
-    sync = runs["sync"]["step_s_median"] / single if "sync" in runs else None
-    asyn = runs["async k=1"]["step_s_median"] / single if "async k=1" in runs else None
+    sync = runs["sync"]["step_s_median"] / single if "step_s_median" in runs.get("sync", {}) else None
+    asyn = (
+        runs["async k=1"]["step_s_median"] / single if "step_s_median" in runs.get("async k=1", {}) else None
+    )
     met = {
         "learner_plain_ratio": learner_s / plain_s <= GOALS["learner_plain_ratio_max"],
         "learner_memory_ratio": learner["peak_rss_gib"] / plain_peak <= GOALS["learner_memory_ratio_max"],
