@@ -51,8 +51,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The repository first, always: `python benchmarks/X.py` puts benchmarks/ first on sys.path, where
+# benchmarks/rewards.py would shadow the `rewards` package (even with the repository on PYTHONPATH).
+sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, provenance  # noqa: E402
 
