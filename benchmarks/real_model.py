@@ -7,7 +7,9 @@ batch of `duet train ... rollout.group_size=2 rollout.prompts_per_step=16 rollou
 16 chat-rendered sums × 2 completions of 32 tokens. In one run, on the same machine:
 
 1. generation reference (a child process): transformers' `generate` of the 32 completions (sampling at
-   temperature 1, every completion exactly max_tokens long). Its tokens are the batch of 2 and 3.
+   temperature 1, up to max_tokens; each completion ends at its first end-of-sequence token, kept, as
+   vLLM returns it). Its tokens are the batch of 2 and 3. `--completions max` forces every completion
+   to max_tokens instead (the heaviest batch of that shape; writes real_model_max_tokens.json).
 2. plain step (a fresh child process, run before and after 3): one forward of the same right-padded
    sequences, the LM head on the completion positions only, log-softmax and gather, a policy-gradient
    loss, backward, gradient-norm clip 1.0, torch.optim.AdamW; as many threads as the learner.
@@ -72,8 +74,9 @@ def _load_avg() -> list[float]:
 
 # ---------------------------------------------------------------- child: generation reference
 def child_generate(args: argparse.Namespace) -> dict:
-    """transformers' generate of prompts × group_size completions, each exactly max_tokens long; writes the
-    batch (prompt ids, completion ids, the sampler's log-probs) to args.batch."""
+    """transformers' generate of prompts × group_size completions (`args.completions`: "sampled", cut after
+    the first end-of-sequence token, or "max", all max_tokens long); writes the batch (prompt ids,
+    completion ids, the sampler's log-probs) to args.batch."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,7 +99,7 @@ def child_generate(args: argparse.Namespace) -> dict:
             top_k=0,
             top_p=1.0,
             max_new_tokens=args.max_tokens,
-            min_new_tokens=args.max_tokens,
+            min_new_tokens=args.max_tokens if args.completions == "max" else 0,
             output_scores=True,
             return_dict_in_generate=True,
             pad_token_id=tok.pad_token_id,
@@ -107,12 +110,15 @@ def child_generate(args: argparse.Namespace) -> dict:
     batch = []
     for i in range(len(texts)):
         prompt = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+        completion = out.sequences[i, width:].tolist()
+        if tok.eos_token_id in completion:  # the rest is padding after the sequence ended
+            completion = completion[: completion.index(tok.eos_token_id) + 1]
         batch.append(
             {
                 "prompt_index": i // args.group_size,
                 "prompt_ids": prompt,
-                "completion_ids": out.sequences[i, width:].tolist(),
-                "logprobs": logps[i].tolist(),
+                "completion_ids": completion,
+                "logprobs": logps[i][: len(completion)].tolist(),
             }
         )
     Path(args.batch).write_text(json.dumps(batch))
@@ -207,6 +213,8 @@ def run_child(args: argparse.Namespace, role: str, batch: Path) -> dict:
         str(args.group_size),
         "--max-tokens",
         str(args.max_tokens),
+        "--completions",
+        args.completions,
         "--reps",
         str(args.reps),
         "--threads",
@@ -322,6 +330,7 @@ def whole_steps(args: argparse.Namespace, root: Path) -> dict:
     try:
         for name, extra in modes.items():
             run_dir = root / name.replace(" ", "_").replace("=", "")
+            run_dir.mkdir(parents=True, exist_ok=True)
             cfg = load_config(overrides=[*common, *extra, f"run.run_dir={run_dir}"])
             init_ray(cfg)
             t0 = time.perf_counter()
@@ -391,8 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--prompts", type=int, default=16, help="rollout.prompts_per_step")
     ap.add_argument("--group-size", type=int, default=2, help="rollout.group_size")
+    ap.add_argument("--max-tokens", type=int, default=32, help="rollout.max_tokens (the longest completion)")
     ap.add_argument(
-        "--max-tokens", type=int, default=32, help="rollout.max_tokens (every completion's length)"
+        "--completions",
+        choices=("sampled", "max"),
+        default="sampled",
+        help="sampled: each ends at its end-of-sequence token (as in a run); max: all max_tokens long",
     )
     ap.add_argument("--reps", type=int, default=3, help="timed steps of each, after one warm-up step")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the learner and the plain step")
@@ -474,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
             "sequences": len(batch),
             "prompts": args.prompts,
             "group_size": args.group_size,
-            "completion_tokens_each": args.max_tokens,
+            "completions": args.completions,
+            "max_tokens": args.max_tokens,
+            "completion_tokens": sum(len(b["completion_ids"]) for b in batch),
             "padded_width": plain_before["padded_width"],
             "threads": args.threads,
             "reps": args.reps,
@@ -488,7 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ("real_model_quick.json" if args.quick else "real_model.json")
+    name = (
+        "real_model" + ("_max_tokens" if args.completions == "max" else "") + ("_quick" if args.quick else "")
+    )
+    path = out_dir / f"{name}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(
         json.dumps(
