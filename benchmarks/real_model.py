@@ -12,7 +12,8 @@ batch of `duet train ... rollout.group_size=2 rollout.prompts_per_step=16 rollou
    to max_tokens instead (the heaviest batch of that shape; writes real_model_max_tokens.json).
 2. plain step (a fresh child process, run before and after 3): one forward of the same right-padded
    sequences, the LM head on the completion positions only, log-softmax and gather, a policy-gradient
-   loss, backward, gradient-norm clip 1.0, torch.optim.AdamW; as many threads as the learner.
+   loss, backward, gradient-norm clip 1.0, torch.optim.AdamW; as many threads as the learner, and at
+   the learner's niceness (Ray runs its workers at nice 15; the children of 1 and 2 run at 15 too).
 3. learner step: duet-rl's LearnerGroup on a Ray placement group (one DeepSpeed rank, ZeRO and optimizer
    as `duet train` configures them), `train_step` on the same groups, timed around the call as the
    driver's time/train_s is.
@@ -66,6 +67,10 @@ GOALS = {
     "async_step_ratio_max": 0.8,
 }
 GIB = 1 << 30
+# Ray starts its worker processes (the learner rank among them) at nice 15. On a machine that other work
+# shares, a nice-0 reference would get a larger share of the cores than the learner: the children run at
+# the same niceness, and the learner's actual niceness is recorded.
+RAY_WORKER_NICE = 15
 
 
 def _load_avg() -> list[float]:
@@ -190,6 +195,7 @@ def child_plain(args: argparse.Namespace) -> dict:
         "warmup_s": times[0],
         "padded_width": width,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "nice": os.nice(0),
         "matmul_peak_flops": matmul_peak_flops(3.0),
         "load_avg": _load_avg(),
     }
@@ -220,13 +226,19 @@ def run_child(args: argparse.Namespace, role: str, batch: Path) -> dict:
         "--threads",
         str(args.threads),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=1800, preexec_fn=lambda: os.nice(RAY_WORKER_NICE)
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{role} child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- the learner
+def _nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def _peak_rss_gib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -282,6 +294,7 @@ def learner_steps(args: argparse.Namespace, batch: list[dict]) -> dict:
             "rank_step_s": rank_times[1:],
             "startup_s": startup_s,
             "peak_rss_gib": peak,
+            "nice": _nice(pid),
             "zero_stage": cfg.learner.zero_stage,
             "micro_batch_size": cfg.learner.micro_batch_size,
             "logprob_chunk_tokens": cfg.learner.logprob_chunk_tokens,
