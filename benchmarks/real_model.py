@@ -16,7 +16,8 @@ batch of `duet train ... rollout.group_size=2 rollout.prompts_per_step=16 rollou
    the learner's niceness (Ray runs its workers at nice 15; the children of 1 and 2 run at 15 too).
 3. learner step: duet-rl's LearnerGroup on a Ray placement group (one DeepSpeed rank, ZeRO and optimizer
    as `duet train` configures them), `train_step` on the same groups, timed around the call as the
-   driver's time/train_s is.
+   driver's time/train_s is. `--learner-variant 'KEY=VALUE ...'` (repeatable) times more learners with
+   those config overrides (e.g. learner.zero_stage=0), each in its own process, between the two plain runs.
 
 Each is timed `reps` times after one warm-up step. Peak memory: each process's peak RSS (the plain
 child's ru_maxrss, the learner rank's VmHWM), model load included in both. FLOP/s: the model's matmul
@@ -246,8 +247,9 @@ def _peak_rss_gib(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for process {pid}")
 
 
-def learner_steps(args: argparse.Namespace, batch: list[dict]) -> dict:
-    """reps + 1 `LearnerGroup.train_step` calls on the batch (the first is the warm-up)."""
+def learner_steps(args: argparse.Namespace, batch: list[dict], overrides: tuple[str, ...] = ()) -> dict:
+    """reps + 1 `LearnerGroup.train_step` calls on the batch (the first is the warm-up); `overrides`: config
+    overrides of this learner (a variant)."""
     import ray
     from ray.util.placement_group import placement_group
 
@@ -262,6 +264,7 @@ def learner_steps(args: argparse.Namespace, batch: list[dict]) -> dict:
             f"rollout.prompts_per_step={args.prompts}",
             f"rollout.max_tokens={args.max_tokens}",
             "learner.lr=1e-5",
+            *overrides,
         ]
     )
     groups = []
@@ -295,6 +298,7 @@ def learner_steps(args: argparse.Namespace, batch: list[dict]) -> dict:
             "startup_s": startup_s,
             "peak_rss_gib": peak,
             "nice": _nice(pid),
+            "overrides": list(overrides),
             "zero_stage": cfg.learner.zero_stage,
             "micro_batch_size": cfg.learner.micro_batch_size,
             "logprob_chunk_tokens": cfg.learner.logprob_chunk_tokens,
@@ -424,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the learner and the plain step")
     ap.add_argument("--steps", type=int, default=4, help="steps of each whole-step run (0: skip them)")
     ap.add_argument("--warmup", type=int, default=2, help="first steps of a whole-step run left out")
+    ap.add_argument(
+        "--learner-variant",
+        action="append",
+        default=[],
+        help="also time a learner with these config overrides (space-separated), e.g. 'learner.zero_stage=0'",
+    )
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--quick", action="store_true", help="1 timed step of each")
     ap.add_argument("--child", choices=("generate", "plain"), help=argparse.SUPPRESS)
@@ -451,6 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         batch = json.loads(batch_path.read_text())
         learner = learner_steps(args, batch)
         print(f"learner step: {learner['step_s']} s, peak {learner['peak_rss_gib']:.2f} GiB", flush=True)
+        variants = {}
+        for spec in args.learner_variant:
+            try:
+                variants[spec] = learner_steps(args, batch, tuple(spec.split()))
+                print(f"learner step, {spec}: {variants[spec]['step_s']} s", flush=True)
+            except Exception as e:  # a variant that fails leaves the main figures
+                traceback.print_exc()
+                variants[spec] = {"error": f"{type(e).__name__}: {e}"}
         plain_after = run_child(args, "plain", batch_path)
         print(f"plain step again: {plain_after['step_s']} s", flush=True)
         runs = whole_steps(args, Path(tmp)) if args.steps else {}
@@ -495,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
         "generation": gen,
         "plain": {"before_learner": plain_before, "after_learner": plain_after},
         "learner": learner,
+        "learner_variants": {
+            spec: {**v, "plain_ratio": statistics.median(v["step_s"]) / plain_s} if "step_s" in v else v
+            for spec, v in variants.items()
+        },
         "settings": {
             "model": f"{args.model} (SmolLM2-135M-Instruct, fp32)",
             "sequences": len(batch),
