@@ -76,9 +76,6 @@ class ReplayQueue:
         self.taken_at_version += len(out)
         return out
 
-    def depth(self) -> int:
-        return len(self.groups)
-
     def admission(self) -> dict[str, int]:
         """What the producer's admission rule needs: groups queued, groups the learner has taken at the
         version of its latest take, and how many put groups survived the tied filter so far."""
