@@ -25,6 +25,10 @@ class ReplayQueue:
         self.groups: deque[ScoredGroup] = deque()
         self.changed = asyncio.Condition()
         self.counts = {"put": 0, "taken": 0, "dropped_tied": 0, "dropped_stale": 0}
+        # Where the learner stands, for the producer's admission rule (cluster.pipeline.admissible_groups):
+        # the version of its latest take and how many groups it has taken at that version.
+        self.take_version: int | None = None
+        self.taken_at_version = 0
 
     async def put(self, groups: list[ScoredGroup]) -> int:
         """Add groups; tied ones are dropped here when filtering. Returns how many were kept."""
@@ -67,10 +71,20 @@ class ReplayQueue:
                     pass
             self.changed.notify_all()
         self.counts["taken"] += len(out)
+        if learner_version != self.take_version:
+            self.take_version, self.taken_at_version = learner_version, 0
+        self.taken_at_version += len(out)
         return out
 
-    def depth(self) -> int:
-        return len(self.groups)
+    def admission(self) -> dict[str, int]:
+        """What the producer's admission rule needs: groups queued, groups the learner has taken at the
+        version of its latest take, and how many put groups survived the tied filter so far."""
+        return {
+            "queued": len(self.groups),
+            "taken_at_version": self.taken_at_version,
+            "put": self.counts["put"],
+            "kept": self.counts["put"] - self.counts["dropped_tied"],
+        }
 
     def stats(self) -> dict[str, int]:
         return {**self.counts, "depth": len(self.groups)}

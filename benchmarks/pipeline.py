@@ -30,16 +30,24 @@ of the transport: one gloo broadcast of a flat uint8 buffer of the model's byte 
 processes on the learner's and the engine's cores (median); and the staleness histograms.
 Diagnostics of what bounds the asynchronous mode: the CPU time each role (engine core, vLLM front-end,
 learner, reward workers, driver, Ray, other users) used over each measured window and how busy each core
-was; the ceiling again with core 1 kept busy by a pinned matmul loop (as the learner keeps it); async
-k = 1 again with train.queue_capacity_groups = k × prompts_per_step (the producer's backpressure counts
-queued + in-flight groups, so it then cannot run ahead into groups that will be too stale to train on); the latency of one RPC into the engine and of a pause/resume; and the
-broadcast of a larger model (~109 MB) against its floor.
+was; the latency of one RPC into the engine and of a pause/resume; the whole engine pinned to core 0;
+and the broadcast of a larger model (~109 MB) against its floor. With `--capped-queue N`, async k = 1
+again with train.queue_capacity_groups = N × prompts_per_step (before the producer's admission knew the
+staleness bound, that cap was the way to keep it from generating groups too stale to train on).
+
+The honest ceiling: the engine alone again with core 1 kept busy by a pinned matmul loop (it cannot
+borrow the learner's core, as it cannot in a run); measured in every mode, `--quick` included.
 
 Writes benchmarks/results/pipeline.json (top level: async_throughput_ratio, step_time_ratio,
-broadcast_floor_ratio, goals, machine, date, command) and pipeline.png (the timeline: one row per
-component, one panel per mode). Goals: async_throughput_ratio ≥ 0.9, step_time_ratio ≤ 1.1,
-broadcast_floor_ratio ≤ 1.5. `--quick` (~3 min): 4 steps, k = 1 only, no diagnostics; it writes
-pipeline_quick.json / .png.
+broadcast_floor_ratio, stale_drop_fraction, trained_throughput_ratio, broadcast_fixed_ms,
+broadcast_per_byte_ratio, goals, machine, date, command) and pipeline.png (the timeline: one row per
+component, one panel per mode). Of async k = 1: stale_drop_fraction = groups the queue dropped as too
+stale ÷ groups put into it over the whole run; trained_throughput_ratio = tokens of the trained groups per
+second ÷ the honest ceiling's tokens/s. broadcast_fixed_ms and broadcast_per_byte_ratio are copied from
+benchmarks/results/broadcast.json (benchmarks/broadcast.py measures the cost model; its date is kept
+with them). Goals: async_throughput_ratio ≥ 0.9, step_time_ratio ≤ 1.1, broadcast_floor_ratio ≤ 1.5,
+stale_drop_fraction ≤ 0.05, trained_throughput_ratio ≥ 0.85. `--quick` (~4 min): 4 steps, k = 1 only,
+no diagnostics; it writes pipeline_quick.json / .png.
 """
 
 from __future__ import annotations
@@ -59,8 +67,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The repository first, always: `python benchmarks/X.py` puts benchmarks/ first on sys.path, where
+# benchmarks/rewards.py would shadow the `rewards` package (even with the repository on PYTHONPATH).
+sys.path.insert(0, str(ROOT))
 
 import ray  # noqa: E402
 
@@ -75,7 +84,13 @@ from cluster.runtime import init_ray, resolve_model  # noqa: E402
 
 ENGINE_CORES = "0"
 LEARNER_CORES = "1"
-GOALS = {"async_throughput_ratio_min": 0.9, "step_time_ratio_max": 1.1, "broadcast_floor_ratio_max": 1.5}
+GOALS = {
+    "async_throughput_ratio_min": 0.9,
+    "step_time_ratio_max": 1.1,
+    "broadcast_floor_ratio_max": 1.5,
+    "stale_drop_fraction_max": 0.05,
+    "trained_throughput_ratio_min": 0.85,
+}
 
 
 # ---------------------------------------------------------------- configuration
@@ -264,8 +279,9 @@ def generate_back_to_back(fleet: RolloutFleet, stream: PromptStream, cfg: Config
 
 
 def engines_alone(args: argparse.Namespace, root: Path, chunks: int, diagnostics: bool) -> dict:
-    """The ceiling: `chunks` chunks back to back on a fresh fleet; with `diagnostics`, also the RPC
-    latencies, the same with the learner's core kept busy, and with the whole engine pinned to its core."""
+    """The ceiling: `chunks` chunks back to back on a fresh fleet, then as many with the learner's core
+    kept busy (the honest ceiling); with `diagnostics`, also the RPC latencies and the whole engine
+    pinned to its core."""
     cfg = run_config(args, 1, root / "ceiling")
     model_path = resolve_model(cfg)
     fleet = RolloutFleet(cfg, make_plan(cfg), model_path)
@@ -276,6 +292,8 @@ def engines_alone(args: argparse.Namespace, root: Path, chunks: int, diagnostics
         stream = PromptStream(load_prompts(cfg.data, cfg.run.seed), cfg.run.seed, cfg.data.shuffle)
         generate_back_to_back(fleet, stream, cfg, 2 * len(fleet.engines))  # warm-up, not counted
         out["main"] = generate_back_to_back(fleet, stream, cfg, chunks * len(fleet.engines))
+        with busy_core(LEARNER_CORES):
+            out["learner_core_busy"] = generate_back_to_back(fleet, stream, cfg, chunks * len(fleet.engines))
         if not diagnostics:
             return out
         engine = fleet.engines[0]
@@ -294,8 +312,6 @@ def engines_alone(args: argparse.Namespace, root: Path, chunks: int, diagnostics
             ray.get(engine.resume.remote())
             lat.append(time.perf_counter() - t)
         out["pause_resume_s_median"] = statistics.median(lat)  # idle engine: the RPC floor of an update
-        with busy_core(LEARNER_CORES):
-            out["learner_core_busy"] = generate_back_to_back(fleet, stream, cfg, chunks // 2)
         # Every thread of the engine's processes (front-end, EngineCore, worker) confined to core 0:
         # what the engine makes if it really stays on its own core.
         pin_tree(fleet.ready_info()[0]["pid"], ENGINE_CORES)
@@ -426,7 +442,9 @@ def engine_busy(timeline: list[dict], lo: float, hi: float) -> dict:
     }
 
 
-def summarize_run(run_dir: Path, warmup: int, k: int, prompts: int, ceiling_tps: float) -> dict:
+def summarize_run(
+    run_dir: Path, warmup: int, k: int, prompts: int, ceiling_tps: float, honest_tps: float
+) -> dict:
     metrics = read_metrics(run_dir)
     timeline = [json.loads(line) for line in (run_dir / "timeline.jsonl").read_text().splitlines() if line]
     measured = [m for m in metrics if m["step"] > warmup]
@@ -473,7 +491,8 @@ def summarize_run(run_dir: Path, warmup: int, k: int, prompts: int, ceiling_tps:
         "throughput_ratio": tokens / wall / ceiling_tps,
         # the tokens of the groups trained on (generated minus those dropped as too stale, in steady state)
         "trained_tokens_per_s": tokens_needed * len(measured) / wall,
-        "trained_throughput_ratio": tokens_needed * len(measured) / wall / ceiling_tps,
+        "trained_throughput_ratio": tokens_needed * len(measured) / wall / honest_tps,
+        "trained_throughput_ratio_vs_ceiling": tokens_needed * len(measured) / wall / ceiling_tps,
         "engine": engine_busy(timeline, lo, busy_hi),
         "step_s_mean": statistics.fmean(step_s),
         "step_s_median": statistics.median(step_s),
@@ -529,7 +548,9 @@ def cpu_snapshots(warmup: int, steps: int) -> tuple[list[dict], StepCallback]:
     return snaps, on_step
 
 
-def one_run(args: argparse.Namespace, k: int, root: Path, ceiling_tps: float, **extra: object) -> dict:
+def one_run(
+    args: argparse.Namespace, k: int, root: Path, ceiling_tps: float, honest_tps: float, **extra: object
+) -> dict:
     run_dir = root / (f"k{k}" + "".join(f"-{v}" for v in extra.values()))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_config(args, k, run_dir, **extra)
@@ -537,7 +558,7 @@ def one_run(args: argparse.Namespace, k: int, root: Path, ceiling_tps: float, **
     t0 = time.perf_counter()
     snaps, on_step = cpu_snapshots(args.warmup, cfg.train.steps)
     Trainer(cfg, run_dir).run(on_step=on_step)
-    out = summarize_run(run_dir, args.warmup, k, cfg.rollout.prompts_per_step, ceiling_tps)
+    out = summarize_run(run_dir, args.warmup, k, cfg.rollout.prompts_per_step, ceiling_tps, honest_tps)
     out["overrides"] = {key: str(v) for key, v in extra.items()}
     out["queue_capacity_groups"] = cfg.train.queue_capacity_groups
     if len(snaps) == 2:
@@ -613,6 +634,38 @@ def larger_model_broadcast(args: argparse.Namespace, root: Path) -> dict:
     }
 
 
+HEADLINE_KEYS = (
+    "async_throughput_ratio",
+    "step_time_ratio",
+    "broadcast_floor_ratio",
+    "stale_drop_fraction",
+    "trained_throughput_ratio",
+    "broadcast_fixed_ms",
+    "broadcast_per_byte_ratio",
+)
+
+
+def broadcast_cost_model(path: Path) -> dict:
+    """broadcast_fixed_ms and broadcast_per_byte_ratio from benchmarks/broadcast.py's results (None when it
+    has not been run), with the date and command they were measured by."""
+    if not path.exists():
+        return {
+            "broadcast_fixed_ms": None,
+            "broadcast_per_byte_ratio": None,
+            "broadcast_cost_model_from": None,
+        }
+    data = json.loads(path.read_text())
+    return {
+        "broadcast_fixed_ms": data.get("broadcast_fixed_ms"),
+        "broadcast_per_byte_ratio": data.get("broadcast_per_byte_ratio"),
+        "broadcast_cost_model_from": {
+            "file": path.name,
+            "date": data.get("date"),
+            "command": data.get("command"),
+        },
+    }
+
+
 # ---------------------------------------------------------------- plot
 def plot(results: dict, path: Path) -> None:
     import matplotlib
@@ -679,11 +732,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--capped-queue",
         type=int,
-        default=1,
+        default=0,
         help="also run async k=1 with train.queue_capacity_groups = this × prompts_per_step (0: skip)",
     )
     ap.add_argument("--large-layers", type=int, default=8, help="larger model for the broadcast (0: skip)")
-    add_common_arguments(ap, quick_help="~3-minute smoke version", keep_help="keep the run folders")
+    add_common_arguments(ap, quick_help="~4-minute smoke version", keep_help="keep the run folders")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.modes, args.large_layers, args.capped_queue = 4, 1, "1", 0, 0
@@ -713,9 +766,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         alone = engines_alone(args, root, 2 * args.steps, diagnostics=False)
         ceiling = alone["main"]["tokens_per_s"]
+        honest = alone["learner_core_busy"]["tokens_per_s"]
         print(
-            f"engines alone: {ceiling:,.0f} tokens/s "
-            f"({alone['main']['mean_completion_tokens']:.1f} tokens/completion)  "
+            f"engines alone: {ceiling:,.0f} tokens/s; with core {LEARNER_CORES} busy (honest ceiling): "
+            f"{honest:,.0f} ({alone['main']['mean_completion_tokens']:.1f} tokens/completion)  "
             f"[{time.perf_counter() - t0:.0f}s]  cpu {alone['main']['cpu']}",
             flush=True,
         )
@@ -723,11 +777,11 @@ def main(argv: list[str] | None = None) -> int:
         for label, k, extra in modes:
             t0 = time.perf_counter()
             try:
-                runs[label] = one_run(args, k, root, ceiling, **extra)
+                runs[label] = one_run(args, k, root, ceiling, honest, **extra)
                 r = runs[label]
                 print(
                     f"{label}: {r['tokens_per_s']:,.0f} tokens/s ({r['throughput_ratio']:.2f}; trained "
-                    f"{r['trained_throughput_ratio']:.2f}), engine busy "
+                    f"{r['trained_throughput_ratio']:.2f} of the honest ceiling), engine busy "
                     f"{r['engine']['busy_fraction']:.2f}, step {r['step_s_mean']:.2f}s vs max(gen "
                     f"{r['generate_s']:.2f}, train {r['train_s_mean']:.2f}) = {r['step_time_ratio']:.2f}, "
                     f"broadcast {r['broadcast_s_median'] * 1e3:.0f} ms, staleness {r['staleness_histogram']}, "
@@ -778,6 +832,9 @@ def main(argv: list[str] | None = None) -> int:
             "async_throughput_ratio": headline.get("throughput_ratio") if ok else None,
             "step_time_ratio": headline.get("step_time_ratio") if ok else None,
             "broadcast_floor_ratio": headline["broadcast_s_median"] / floor["median_s"] if ok else None,
+            "stale_drop_fraction": headline.get("stale_dropped_fraction") if ok else None,
+            "trained_throughput_ratio": headline.get("trained_throughput_ratio") if ok else None,
+            **broadcast_cost_model(out_dir / "broadcast.json"),
         }
     )
     if ok:
@@ -789,11 +846,15 @@ def main(argv: list[str] | None = None) -> int:
                 "step_time_ratio": results["step_time_ratio"] <= GOALS["step_time_ratio_max"],
                 "broadcast_floor_ratio": results["broadcast_floor_ratio"]
                 <= GOALS["broadcast_floor_ratio_max"],
+                "stale_drop_fraction": results["stale_drop_fraction"] <= GOALS["stale_drop_fraction_max"],
+                "trained_throughput_ratio": results["trained_throughput_ratio"]
+                >= GOALS["trained_throughput_ratio_min"],
             },
         }
     results.update(
         {
             "engines_alone_tokens_per_s": ceiling,
+            "honest_ceiling_tokens_per_s": honest,
             "broadcast_floor": floor,
             "engines_alone": alone,
             "engines_alone_after_runs": after,
@@ -820,6 +881,13 @@ def main(argv: list[str] | None = None) -> int:
                 ],
                 "ceiling": "the fleet's engine alone, 2 chunks of prompts_per_step//2 in flight (as the "
                 "async producer), deterministic=False, steps × prompts_per_step prompts after 1 warm-up round",
+                "honest_ceiling": f"the same, again, with core {LEARNER_CORES} kept busy by a pinned matmul "
+                "loop (the engine cannot borrow the learner's core)",
+                "stale_drop_fraction": "async k=1: the queue's dropped_stale ÷ put over the whole run",
+                "trained_throughput_ratio": "async k=1: tokens per trained batch × measured steps ÷ their "
+                "wall time ÷ the honest ceiling's tokens/s",
+                "broadcast_fixed_ms, broadcast_per_byte_ratio": "copied from broadcast.json "
+                "(benchmarks/broadcast.py; see broadcast_cost_model_from for its date)",
                 "tokens_per_s": "Σ tokens/generated ÷ Σ time/step_s over the measured steps",
                 "engine_busy": "union of timeline engine intervals (chunk submitted → result) over the "
                 "measured window; generating_fraction also removes the broadcasts (engine paused)",
@@ -834,11 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
-    print(
-        json.dumps(
-            {k: results[k] for k in ("async_throughput_ratio", "step_time_ratio", "broadcast_floor_ratio")}
-        )
-    )
+    print(json.dumps({k: results[k] for k in HEADLINE_KEYS}))
     print(f"results written to {json_path}")
     plot(results, out_dir / f"{name}.png")
     print(f"plot written to {out_dir / f'{name}.png'}")
