@@ -12,6 +12,7 @@ import json
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from cluster.metrics import read_metrics
@@ -95,14 +96,18 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
     with sim_cluster(nodes) as cluster:
         run_dir = tmp_path / "run"
         t0 = time.monotonic()
-        proc = _submit(cluster, run_dir, model_cache, "train.steps=5", "checkpoint.every_steps=2", wait=False)
+        proc = _submit(cluster, run_dir, model_cache, "train.steps=8", "checkpoint.every_steps=2", wait=False)
         assert proc.returncode == 0, proc.stderr
         job_id = proc.stdout.splitlines()[0].strip()
         _wait_steps(run_dir, 1)
         first = _actors(run_dir)
         doomed = cluster.node(first["engines"][0]["address"])
         assert doomed.name in ("worker1", "worker3")
+        engine_pid = first["engines"][0]["pid"]
+        assert engine_pid in cluster.pids(doomed), (engine_pid, cluster.pids(doomed))
         assert cluster.kill_node(doomed) > 0
+        assert not psutil.pid_exists(engine_pid) or psutil.Process(engine_pid).status() == "zombie"
+        print(f"engine node {doomed.name} killed after step {_steps(run_dir)}")
         # Step 3 follows the checkpoint of step 2; then learner rank 0's node goes.
         _wait_steps(run_dir, 3)
         mid = _actors(run_dir)
@@ -110,15 +115,19 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
         assert survivor.name in ("worker1", "worker3") and survivor is not doomed, mid
         learner_node = cluster.node(mid["learner_addresses"][0])
         assert learner_node.name in ("worker2", "worker4"), mid
+        learner_pid = mid["learner"][0]
+        assert learner_pid in cluster.pids(learner_node), (learner_pid, cluster.pids(learner_node))
         assert cluster.kill_node(learner_node) > 0
-        t_kill = time.monotonic()
+        t_kill, killed_at = time.monotonic(), _steps(run_dir)
+        assert killed_at < 8, "the run ended before its learner's node was killed"
         stopped = _follow(cluster, job_id)
-        print(f"engine node lost at step 1, learner node at step {_steps(run_dir)}; the job ended "
+        print(f"engine node lost after step 1, learner node after step {killed_at}; the job ended "
               f"{time.monotonic() - t_kill:.0f} s after the kill ({time.monotonic() - t0:.0f} s in all)")  # fmt: skip
         out = stopped.stdout + stopped.stderr
         assert stopped.returncode == 1, out[-4000:]
         assert "learner rank died" in out and "last checkpoint:" in out, out[-4000:]
-        assert f"--resume {run_dir}" in out, out[-4000:]
+        assert f"duet train --resume {run_dir}" in out, out[-4000:]
+        assert f"duet submit --address http://HEAD:8265 --resume {run_dir}" in out, out[-4000:]
         metrics = read_metrics(run_dir)
         replaced = [e for m in metrics for e in m["events"] if e.get("event") == "engine_replaced"]
         assert replaced, [m["events"] for m in metrics]
@@ -132,7 +141,7 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
         assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
         assert "resuming from" in resumed.stdout + resumed.stderr
         metrics = read_metrics(run_dir)
-        assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+        assert [m["step"] for m in metrics] == list(range(1, 9))
         after = _actors(run_dir)
         new_learner = cluster.node(after["learner_addresses"][0])
         assert new_learner.name in ("worker2", "worker4") and new_learner is not learner_node, after
