@@ -306,3 +306,16 @@ def test_submit_resume_takes_the_runs_own_config_and_an_absolute_folder(tmp_path
     (run / "config.yaml").write_text("train:\n  steps: 3\n")
     assert submit_main(["--resume", str(run), "train.stepz=4"]) == 2  # checked here, not in the job
     assert "stepz" in capsys.readouterr().err
+
+
+def test_a_run_stopped_inside_a_ray_job_names_duet_submit_resume(monkeypatch):
+    from cluster.cli import _job_resume_hint
+
+    stopped = "a learner rank died at step 3 (...). Continue with: duet train --resume /shared/run"
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert _job_resume_hint(stopped, "/shared/run") == ""  # `duet train` on a machine: as it was
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets for the job
+    assert "duet submit --address http://HEAD:8265 --resume /shared/run" in _job_resume_hint(
+        stopped, "/shared/run"
+    )
+    assert _job_resume_hint("preflight: no GPU on any node", "/shared/run") == ""  # nothing to resume
