@@ -11,6 +11,7 @@ duet serve-reward [--host 127.0.0.1] [--port N] [--token T]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -124,10 +125,19 @@ def _train(argv: list[str]) -> int:
         print(f"duet train: {e}", file=sys.stderr)
         return 2
     except (RunStopped, PreflightError) as e:
-        print(f"duet train: {e}", file=sys.stderr)
+        print(f"duet train: {e}{_job_resume_hint(str(e), args.run_dir)}", file=sys.stderr)
         return 1
     print(f"run written to {run_dir}")
     return 0
+
+
+def _job_resume_hint(message: str, run_dir: str | None) -> str:
+    """A run stopped inside a Ray job (`duet submit`) is resumed by submitting again, from where it was
+    submitted: say so next to the `duet train --resume` the message names."""
+    if "--resume" not in message or "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return ""
+    where = run_dir or "RUN_DIR"
+    return f" (this run is a Ray job: resume it with duet submit --address http://HEAD:8265 --resume {where})"
 
 
 # Subcommands live next to what they drive; imported only when called (a fast `duet --help`).

@@ -115,6 +115,12 @@ def train_args(
     return ["train", *args, *overrides]
 
 
+def resume_args(run_dir: str, overrides: list[str]) -> list[str]:
+    """The `train` arguments of a job that continues `run_dir` (on the cluster's shared storage) from its
+    last complete checkpoint: the run's own config.yaml there, plus overrides."""
+    return ["train", "--resume", run_dir, *overrides]
+
+
 def _inside_upload(path: Path) -> Path | None:
     """`path` relative to the uploaded code, or None when it is not uploaded (outside, or excluded)."""
     if not path.is_relative_to(REPO_ROOT):
@@ -244,6 +250,12 @@ def submit_main(argv: list[str]) -> int:
     ap.add_argument("--config", help="YAML config file")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="named algorithm preset")
     ap.add_argument("--run-dir", help="output folder on the cluster; use an absolute path on shared storage")
+    ap.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (absolute, on the cluster's shared storage) from its last "
+        "complete checkpoint, with its own config; add overrides only",
+    )
     ap.add_argument("--no-wait", action="store_true", help="print the job id and return")
     ap.add_argument(
         "--no-upload", action="store_true", help="do not upload the code: the cluster has duet-rl installed"
@@ -259,18 +271,39 @@ def submit_main(argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     args = ap.parse_args(argv)
     upload = not args.no_upload
+    if args.resume is not None:
+        if args.config or args.preset or args.run_dir:
+            print(
+                "duet submit: --resume takes the run's own config (RUN_DIR/config.yaml) and folder; "
+                "add overrides only",
+                file=sys.stderr,
+            )
+            return 2
+        if not Path(args.resume).is_absolute():
+            print(
+                f"duet submit: --resume {args.resume}: give the run's absolute path on the cluster's shared "
+                "storage (a relative one would be read in the job's copy of the code)",
+                file=sys.stderr,
+            )
+            return 2
     try:
         refuse_secret_overrides(args.overrides)
-        if args.config is None or Path(args.config).expanduser().exists():
+        if args.resume is not None:
+            own = Path(args.resume) / "config.yaml"
+            if own.exists():  # the shared storage is mounted here too: check now, not minutes into the job
+                load_config(str(own), args.overrides)
+            argv_train = resume_args(args.resume, args.overrides)
+        elif args.config is None or Path(args.config).expanduser().exists():
             load_config(args.config, args.overrides, args.preset)  # fail here, not minutes into the job
         elif upload:  # without upload the path is the cluster's: it need not exist here
             raise ConfigError(f"{args.config}: no such file")
+        if args.resume is None:
+            argv_train = train_args(args.config, args.preset, args.run_dir, args.overrides, upload)
         extra_env = dict(item.split("=", 1) for item in args.env)
-        argv_train = train_args(args.config, args.preset, args.run_dir, args.overrides, upload)
     except (ConfigError, ValueError, OSError) as e:
         print(f"duet submit: {e}", file=sys.stderr)
         return 2
-    if upload and (args.run_dir is None or not Path(args.run_dir).is_absolute()):
+    if upload and args.resume is None and (args.run_dir is None or not Path(args.run_dir).is_absolute()):
         print(
             "duet submit: warning: a relative run dir lands in the job's copy of the code on the head; "
             "pass an absolute --run-dir to keep the outputs",

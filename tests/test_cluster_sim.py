@@ -12,6 +12,7 @@ import json
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from cluster.metrics import read_metrics
@@ -67,37 +68,86 @@ def test_weights_cross_the_network_engine_and_learner_on_different_nodes(tmp_pat
         assert actors["rendezvous"]["address"] == learner_node.address, actors
 
 
-def test_a_worker_node_killed_whole_its_engine_is_placed_again_on_a_node_left(
+def _steps(run_dir) -> int:
+    return len(read_metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+
+
+def _wait_steps(run_dir, n: int, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _steps(run_dir) < n:
+        assert time.monotonic() < deadline, f"the run made {_steps(run_dir)} of {n} steps in {timeout_s:g} s"
+        time.sleep(2)
+
+
+def _follow(cluster, job_id: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        duet_cmd("logs", job_id, "-f", "--address", cluster.dashboard),
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+
+
+def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_resume_finishes(
     tmp_path, model_cache, tiny_model
 ):
-    with sim_cluster([{"duet_engine": 4}, {"duet_learner": 4}, {"duet_engine": 4}]) as cluster:
+    """One cluster, one run, two node losses (issue 12): the engine's node (its engine is placed again on
+    the other engine node and the run goes on), then learner rank 0's node (the run stops naming the
+    last checkpoint and `--resume`; `duet submit --resume` finishes on the nodes left)."""
+    nodes = [{"duet_engine": 4}, {"duet_learner": 4}, {"duet_engine": 4}, {"duet_learner": 4}]
+    with sim_cluster(nodes) as cluster:
         run_dir = tmp_path / "run"
-        # worker1 and worker3 both carry duet_engine: kill whichever holds the engine after step 1.
-        proc = _submit(cluster, run_dir, model_cache, "train.steps=4", wait=False)
+        t0 = time.monotonic()
+        proc = _submit(cluster, run_dir, model_cache, "train.steps=8", "checkpoint.every_steps=2", wait=False)
         assert proc.returncode == 0, proc.stderr
-        deadline = time.monotonic() + 600
-        while not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir):
-            assert time.monotonic() < deadline, "the run made no step"
-            time.sleep(2)
+        job_id = proc.stdout.splitlines()[0].strip()
+        _wait_steps(run_dir, 1)
         first = _actors(run_dir)
         doomed = cluster.node(first["engines"][0]["address"])
         assert doomed.name in ("worker1", "worker3")
-        killed = cluster.kill_node(doomed)
-        assert killed > 0
-        job_id = proc.stdout.splitlines()[0].strip()
-        follow = subprocess.run(
-            duet_cmd("logs", job_id, "-f", "--address", cluster.dashboard),
-            cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        assert follow.returncode == 0, follow.stdout[-4000:] + follow.stderr[-4000:]
+        engine_pid = first["engines"][0]["pid"]
+        assert engine_pid in cluster.pids(doomed), (engine_pid, cluster.pids(doomed))
+        assert cluster.kill_node(doomed) > 0
+        assert not psutil.pid_exists(engine_pid) or psutil.Process(engine_pid).status() == "zombie"
+        print(f"engine node {doomed.name} killed after step {_steps(run_dir)}")
+        # Step 3 follows the checkpoint of step 2; then learner rank 0's node goes.
+        _wait_steps(run_dir, 3)
+        mid = _actors(run_dir)
+        survivor = cluster.node(mid["engines"][0]["address"])
+        assert survivor.name in ("worker1", "worker3") and survivor is not doomed, mid
+        learner_node = cluster.node(mid["learner_addresses"][0])
+        assert learner_node.name in ("worker2", "worker4"), mid
+        learner_pid = mid["learner"][0]
+        assert learner_pid in cluster.pids(learner_node), (learner_pid, cluster.pids(learner_node))
+        assert cluster.kill_node(learner_node) > 0
+        t_kill, killed_at = time.monotonic(), _steps(run_dir)
+        assert killed_at < 8, "the run ended before its learner's node was killed"
+        stopped = _follow(cluster, job_id)
+        print(f"engine node lost after step 1, learner node after step {killed_at}; the job ended "
+              f"{time.monotonic() - t_kill:.0f} s after the kill ({time.monotonic() - t0:.0f} s in all)")  # fmt: skip
+        out = stopped.stdout + stopped.stderr
+        assert stopped.returncode == 1, out[-4000:]
+        assert "learner rank died" in out and "last checkpoint:" in out, out[-4000:]
+        assert f"duet train --resume {run_dir}" in out, out[-4000:]
+        assert f"duet submit --address http://HEAD:8265 --resume {run_dir}" in out, out[-4000:]
         metrics = read_metrics(run_dir)
-        assert [m["step"] for m in metrics] == [1, 2, 3, 4]
         replaced = [e for m in metrics for e in m["events"] if e.get("event") == "engine_replaced"]
         assert replaced, [m["events"] for m in metrics]
+
+        t1 = time.monotonic()
+        resumed = subprocess.run(
+            duet_cmd("submit", "--address", cluster.dashboard, "--resume", str(run_dir)),
+            cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        print(f"resume on the nodes left: {time.monotonic() - t1:.0f} s")
+        assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+        assert "resuming from" in resumed.stdout + resumed.stderr
+        metrics = read_metrics(run_dir)
+        assert [m["step"] for m in metrics] == list(range(1, 9))
         after = _actors(run_dir)
-        survivor = cluster.node(after["engines"][0]["address"])
-        assert survivor.name in ("worker1", "worker3") and survivor is not doomed, after
-        assert all(m["sync/checksum_match"] is True for m in metrics[-1:])
+        new_learner = cluster.node(after["learner_addresses"][0])
+        assert new_learner.name in ("worker2", "worker4") and new_learner is not learner_node, after
+        assert cluster.node(after["engines"][0]["address"]) is survivor, after
+        assert after["rendezvous"]["address"] == new_learner.address, after
+        assert all(m["sync/checksum_match"] is True for m in metrics[-2:]), metrics[-2:]
 
 
 def test_a_run_dir_that_learner_rank_0_does_not_share_fails_at_start(tmp_path, model_cache, tiny_model):

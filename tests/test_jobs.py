@@ -283,3 +283,39 @@ def test_train_args_carry_an_outside_config_as_a_file_not_inlined(tmp_path):
     assert renv["working_dir"] == str(REPO_ROOT) and ".venv" in renv["excludes"]
     assert renv["env_vars"]["A"] == "1" and renv["env_vars"]["PYTHONUNBUFFERED"] == "1"
     assert "working_dir" not in runtime_env(upload=False, extra_env={})
+
+
+def test_submit_resume_takes_the_runs_own_config_and_an_absolute_folder(tmp_path, capsys):
+    """`duet submit --resume RUN_DIR` (the resume after a lost node, tests/test_cluster_sim.py): the job
+    runs `train --resume RUN_DIR`; a config, preset or --run-dir beside it, or a relative RUN_DIR (read in
+    the job's copy of the code), is refused before anything is sent."""
+    from cluster.jobs import resume_args, submit_main
+
+    assert resume_args("/shared/run", ["train.steps=9"]) == [
+        "train",
+        "--resume",
+        "/shared/run",
+        "train.steps=9",
+    ]
+    assert submit_main(["--resume", "/shared/run", "--config", "x.yaml"]) == 2
+    assert "add overrides only" in capsys.readouterr().err
+    assert submit_main(["--resume", "runs/x"]) == 2
+    assert "absolute path" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train:\n  steps: 3\n")
+    assert submit_main(["--resume", str(run), "train.stepz=4"]) == 2  # checked here, not in the job
+    assert "stepz" in capsys.readouterr().err
+
+
+def test_a_run_stopped_inside_a_ray_job_names_duet_submit_resume(monkeypatch):
+    from cluster.cli import _job_resume_hint
+
+    stopped = "a learner rank died at step 3 (...). Continue with: duet train --resume /shared/run"
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert _job_resume_hint(stopped, "/shared/run") == ""  # `duet train` on a machine: as it was
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets for the job
+    assert "duet submit --address http://HEAD:8265 --resume /shared/run" in _job_resume_hint(
+        stopped, "/shared/run"
+    )
+    assert _job_resume_hint("preflight: no GPU on any node", "/shared/run") == ""  # nothing to resume
