@@ -107,19 +107,22 @@ def test_dead_engines_vllm_processes_and_reward_worker_are_replaced(tmp_path, mo
         orphans += [*descendants(first), *descendants(engine_pid(run, 1))]
         os.kill(first, signal.SIGKILL)
         os.kill(json.loads((run / "actors.json").read_text())["reward_workers"][0], signal.SIGKILL)
-        wait_for(running(p, lambda: engine_pid(run, 0) != first), what="the killed engine actor replaced")
+        wait_for(
+            running(p, lambda: engine_pid(run, 0) not in (None, first)),
+            what="the killed engine actor replaced",
+        )
 
         other = engine_pid(run, 1)
         os.kill(vllm_process(other, "VLLM::Worker"), signal.SIGKILL)
         wait_for(
-            running(p, lambda: engine_pid(run, 1) != other),
+            running(p, lambda: engine_pid(run, 1) not in (None, other)),
             what="the engine whose vLLM worker died replaced",
         )
         second = engine_pid(run, 0)
         orphans += [*descendants(second), *descendants(engine_pid(run, 1))]
         os.kill(vllm_process(second, "VLLM::EngineCore"), signal.SIGKILL)
         wait_for(
-            running(p, lambda: engine_pid(run, 0) != second),
+            running(p, lambda: engine_pid(run, 0) not in (None, second)),
             what="the engine whose vLLM engine core died replaced",
         )
         _, err = p.communicate(timeout=600)
