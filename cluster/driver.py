@@ -120,7 +120,7 @@ class Trainer:
             server = start_control(self.control, control_cfg, self.run_dir)
             if on_step is not None:
                 on_step(self, {})
-            events_seen = 0
+            fleet_seen = rewards_seen = 0  # events already written, per list (both only grow)
             while self.step < cfg.train.steps:
                 applied = self.control.apply(self.resize_fleet, self.save_checkpoint)
                 self.step += 1
@@ -129,12 +129,16 @@ class Trainer:
                     metrics.update(eval_metrics(self.evaluate()))
                 metrics["queue"] = ray.get(self.queue.stats.remote())
                 metrics["engines"] = len(self.fleet.engines)
-                events = self.fleet.events + [
-                    dict(e, component="reward_worker") for e in self.rewards.replaced
-                ]
-                metrics["events"] = events[events_seen:] + applied + self.applied_midstep
+                # Counted per list: one count over the two joined would skip a later engine event and
+                # repeat a reward worker's.
+                metrics["events"] = (
+                    self.fleet.events[fleet_seen:]
+                    + [dict(e, component="reward_worker") for e in self.rewards.replaced[rewards_seen:]]
+                    + applied
+                    + self.applied_midstep
+                )
                 self.applied_midstep = []
-                events_seen = len(events)
+                fleet_seen, rewards_seen = len(self.fleet.events), len(self.rewards.replaced)
                 if on_step is not None:
                     on_step(self, metrics)
                 faults.point("step.before_metrics", self.step)

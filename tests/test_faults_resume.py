@@ -136,11 +136,11 @@ def test_dead_engines_vllm_processes_and_reward_worker_are_replaced(tmp_path, mo
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     events = [e for m in metrics for e in m["events"]]
-    replaced = [e for e in events if e["event"] == "engine_replaced"]
-    assert len(replaced) == 3, replaced
+    replaced = [e for e in events if e.get("event") == "engine_replaced"]
+    assert len(replaced) == 3, events  # each death written once, in order
+    assert len([e for e in events if e.get("component") == "reward_worker"]) == 1, events
     assert "actor died" in replaced[0]["reason"], replaced
     assert all("vLLM died" in e["reason"] for e in replaced[1:]), replaced
-    assert any(e.get("component") == "reward_worker" for e in events), events
     for m in metrics:  # every engine, the new ones included, holds the learner's weights before it generates
         assert m["sync/checksum_match"] is True
         assert m["sync/engine_versions"] == [m["policy_version"]] * 2
