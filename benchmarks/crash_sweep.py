@@ -1,6 +1,10 @@
 """Crash sweep: every fault point of cluster/faults.py, one run each, killed there and resumed.
 
     python benchmarks/crash_sweep.py [--points P1,P2] [--step 2] [--out benchmarks/results/crash_sweep.json]
+    python benchmarks/crash_sweep.py --continue --budget-s 1200   # the points --out does not hold yet
+
+The results file is rewritten after each point; with `--continue` the points it already holds (same run
+settings and step) are kept and not run again, so the sweep can be run in chunks.
 
 For each point: a fresh `duet train` (3 steps, a checkpoint every step) whose driver SIGKILLs its
 process group at the point at `--step`; then `duet train --resume` until the run finishes (resume.after_load
@@ -36,7 +40,7 @@ RUN = ["train.steps=3", "rollout.prompts_per_step=8", "checkpoint.every_steps=1"
 
 def sweep_one(point: str, step: int, root: Path, model_cache: Path) -> dict:
     run = root / point.replace(".", "_")
-    out: dict = {"point": point, "step": step, "launches": []}
+    out: dict = {"point": point, "step": step, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "launches": []}
     t0 = time.perf_counter()
     try:
         faults = [f"{point}:{step}", None]
@@ -74,6 +78,18 @@ def sweep_one(point: str, step: int, root: Path, model_cache: Path) -> dict:
     return out
 
 
+def previous_results(out: Path, step: int) -> list[dict]:
+    """The per-point results `out` holds from an earlier (partial) sweep with the same settings; none when
+    it does not exist or was run with other settings (those results would not compare)."""
+    if not out.exists():
+        return []
+    old = json.loads(out.read_text())
+    if old.get("run") != RUN:
+        print(f"{out}: run with other settings ({old.get('run')}): starting afresh", flush=True)
+        return []
+    return [r for r in old.get("results", []) if r.get("step") == step]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default=",".join(POINTS), help="comma-separated fault points")
@@ -90,12 +106,26 @@ def main() -> int:
     )
     ap.add_argument("--point-s", type=float, default=300.0, help="what one point may take, for --budget-s")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "crash_sweep.json"))
+    ap.add_argument(
+        "--continue",
+        dest="resume",
+        action="store_true",
+        help="keep the points --out already holds (same run settings and --step) and run only the others",
+    )
     args = ap.parse_args()
     points = [p for p in args.points.split(",") if p]
-    results = []
+    unknown = [p for p in points if p not in POINTS]
+    if unknown:
+        ap.error(f"--points: {unknown} are not fault points; they are {list(POINTS)}")
+    results = previous_results(Path(args.out), args.step) if args.resume else []
+    done = {r["point"] for r in results}
+    points = [p for p in POINTS if p in points or p in done]  # the order a step reaches them
     with tempfile.TemporaryDirectory(prefix="duet-crash-sweep-") as d:
         t0 = time.monotonic()
         for point in points:
+            if point in done:
+                print(f"{point}:{args.step}: kept from {args.out}", flush=True)
+                continue
             if args.budget_s is not None and time.monotonic() - t0 + args.point_s > args.budget_s:
                 print(f"{point}: not run (--budget-s {args.budget_s:.0f} s spent)", flush=True)
                 continue
@@ -105,13 +135,14 @@ def main() -> int:
                 flush=True,
             )
             results.append(r)
+            results.sort(key=lambda r: POINTS.index(r["point"]))
             summary = {
-                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),  # of the last point run; each has its own
                 "machine": f"{platform.machine()}, {platform.processor() or ''} {Path('/proc/cpuinfo').read_text().count('processor')} cores",
                 "run": RUN,
                 "points_tried": len(results),
                 "points_survived": sum(r["ok"] for r in results),
-                "points_not_run": [p for p in points if p not in {r["point"] for r in results}],
+                "points_not_run": [p for p in POINTS if p not in {r["point"] for r in results}],
                 "lost": "nothing" if all(r["ok"] for r in results) else "see failed points",
                 "results": results,
             }

@@ -316,10 +316,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     """`duet eval`: validate everything, start engines and reward workers, evaluate, report."""
+    from cluster.cli import refuse_secret_overrides
     from cluster.runtime import check_model, init_ray, resolve_model
 
     args = _parser().parse_args(argv)
     try:
+        refuse_secret_overrides(args.overrides)  # before anything else reads them, as `duet train` does
         cfg = config_from_arguments(args, *([f"model.path={args.model}"] if args.model else []))
         prompts = eval_prompts(cfg, args.dataset)
         check_model(cfg)

@@ -45,7 +45,7 @@ class RunActors:
         self.queue: Any = None  # the ReplayQueue actor's handle
         self.learner: LearnerGroup | None = None
         self.learner_pg: Any = None
-        self._events_seen = 0
+        self._events_seen = (0, 0)  # fleet events, reward-worker replacements
 
     def start(self, model_path: str, version: int) -> None:
         """Placement, actors (on the model in `model_path`) and the weight-transfer group; the engines
@@ -105,8 +105,13 @@ class RunActors:
     def new_events(self) -> list[dict]:
         """Engine replacements, fleet resizes and reward-worker replacements since the last call, for the
         step's metrics row."""
-        events = self.fleet.events + [dict(e, component="reward_worker") for e in self.rewards.replaced]
-        new, self._events_seen = events[self._events_seen :], len(events)
+        # Counted per list (both only grow): one count over the two joined would skip a later engine
+        # event and repeat a reward worker's.
+        fleet_seen, rewards_seen = self._events_seen
+        new = self.fleet.events[fleet_seen:] + [
+            dict(e, component="reward_worker") for e in self.rewards.replaced[rewards_seen:]
+        ]
+        self._events_seen = (len(self.fleet.events), len(self.rewards.replaced))
         return new
 
     def write_actors(self) -> None:

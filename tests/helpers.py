@@ -148,8 +148,15 @@ def start_train(run_dir: Path, *args: str, model_cache: Path) -> subprocess.Pope
     )
 
 
-# A short `duet train` for fault tests: 16 prompts a step, no progress lines.
-SMALL_RUN = ["rollout.prompts_per_step=16", "run.progress=false", "train.check_weights_every_steps=1"]
+# A short `duet train` for fault tests: 16 prompts a step, no progress lines, weights checked every step;
+# no Ray dashboard nor Ray metrics export (start-up is most of a short run's time; no fault concerns them).
+SMALL_RUN = [
+    "rollout.prompts_per_step=16",
+    "run.progress=false",
+    "train.check_weights_every_steps=1",
+    "run.dashboard=false",
+    "run.ray_metrics=false",
+]
 
 
 def running(p: subprocess.Popen, cond):
@@ -161,6 +168,51 @@ def running(p: subprocess.Popen, cond):
         return cond()
 
     return check
+
+
+def engine_pid(run_dir: Path, slot: int = 0) -> int:
+    """The process id of the engine actor in fleet slot `slot`, from the run's actors.json."""
+    return json.loads((run_dir / "actors.json").read_text())["engines"][slot]["pid"]
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every process under `pid` (children, their children...) with its title (argv[0])."""
+    parent_of, title = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        parent_of[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])  # comm may hold spaces
+        title[int(entry.name)] = argv0.strip()
+    found, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        for child, parent in parent_of.items():
+            if parent == p and child not in found:
+                found[child] = title[child]
+                todo.append(child)
+    return found
+
+
+def vllm_process(actor_pid: int, title: str) -> int:
+    """The pid of the vLLM process titled `title` (`VLLM::Worker`, `VLLM::EngineCore`) under the engine
+    actor `actor_pid`: vLLM sets its processes' titles."""
+    found = [p for p, t in descendants(actor_pid).items() if t.startswith(title)]
+    assert len(found) == 1, (title, descendants(actor_pid))
+    return found[0]
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    """Processes of ours that a SIGKILL orphaned (vLLM's children of a killed actor), if any lived on."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def steps_done(run_dir: Path) -> int:

@@ -21,12 +21,16 @@ from tests.helpers import REPO, duet_cmd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS = 5
+STEPS = 4
 RUN = [
     f"train.steps={STEPS}",
     "rollout.prompts_per_step=8",
     "checkpoint.every_steps=1",
     "run.progress=false",
+    # Four launches: start-up is most of this test's time. Parts no fault point concerns stay off.
+    "run.dashboard=false",
+    "run.ray_metrics=false",
+    "rewards.num_workers=1",
 ]
 
 

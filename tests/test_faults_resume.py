@@ -1,6 +1,10 @@
-"""Long-run behaviour on the real stack: resume after a kill, dead workers replaced, a dead learner rank.
+"""Long-run behaviour on the real stack (synchronous mode): a dead learner rank stops the run with a resume
+hint and the resumed run matches a straight one; dead engines (their Ray actor, or vLLM's own processes
+under a live actor) and a dead reward worker are replaced and the run finishes.
 
-Each test runs `duet train` as a real subprocess (its own local Ray) and kills real processes.
+Each test runs `duet train` as a real subprocess (its own local Ray) and kills real processes. Start-up
+(Ray, the learner, the engines) is most of a launch's time, so each test puts several faults into one run.
+The driver killed from outside at an arbitrary point, and resumed: tests/test_crash_consistency.py.
 """
 
 from __future__ import annotations
@@ -8,38 +12,55 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 
 import pytest
 from safetensors.torch import load_file
 
 from cluster.metrics import read_metrics
-from tests.helpers import SMALL_RUN, run_duet, start_train, steps_done, wait_for
+from tests.helpers import (
+    SMALL_RUN,
+    descendants,
+    engine_pid,
+    kill_leftovers,
+    run_duet,
+    running,
+    start_train,
+    steps_done,
+    vllm_process,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SMALL = SMALL_RUN
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-
-
-def test_resume_after_kill_matches_straight_run(tmp_path, model_cache, tiny_model):
+def test_dead_learner_stops_with_checkpoint_then_resume_matches_straight_run(
+    tmp_path, model_cache, tiny_model
+):
+    """The learner rank SIGKILLed mid-run: the run stops (exit 1) naming the last checkpoint and the
+    command that continues it; `--resume` then gives what a run never interrupted gives (data order,
+    rewards, losses, final weights)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     p = start_train(straight, "train.steps=4", *SMALL, model_cache=model_cache)
     assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
 
     p = start_train(killed, "train.steps=4", "checkpoint.every_steps=2", *SMALL, model_cache=model_cache)
-    wait_for(
-        lambda: (killed / "checkpoints" / "step_000002" / "driver_state.json").exists(),
-        what="checkpoint 2",
-        proc=p,
-    )
-    kill_group(p)  # SIGKILL: no clean shutdown, whatever step it was in
-    # The kill landed mid-run: the process died by the signal, before its last step.
-    assert p.returncode == -signal.SIGKILL, p.returncode
+    try:
+        wait_for(
+            lambda: (killed / "checkpoints" / "step_000002" / "driver_state.json").exists(),
+            what="checkpoint 2",
+            proc=p,
+        )
+        os.kill(json.loads((killed / "actors.json").read_text())["learner"][0], signal.SIGKILL)
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 1, err[-3000:]
+    assert "learner rank died" in err and "last checkpoint:" in err and f"--resume {killed}" in err
+    # The kill landed mid-run: before its last step.
     assert steps_done(killed) < 4 and not (killed / "checkpoints" / "step_000004").exists()
     r = run_duet("train", "--resume", str(killed))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -58,7 +79,12 @@ def test_resume_after_kill_matches_straight_run(tmp_path, model_cache, tiny_mode
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
 
 
-def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_model):
+def test_dead_engines_vllm_processes_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_model):
+    """One run, three engine deaths and a reward worker's: engine 0's Ray actor and a reward worker
+    SIGKILLed together; then engine 1's `VLLM::Worker` (what a CUDA error or an OOM kill does), then the
+    new engine 0's `VLLM::EngineCore` (in both the actor lives on and every call on it fails with
+    EngineDeadError). Each dead engine is replaced and gets the learner's weights before it generates;
+    the run finishes every step, no prompt lost or trained twice, the in-run evaluation included."""
     run = tmp_path / "run"
     steps, per_step = 12, 16
     p = start_train(
@@ -68,25 +94,54 @@ def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_
         "train.check_weights_every_steps=1",
         f"data.synthetic_problems={steps * per_step}",
         "algorithm.filter_tied=false",
-        "eval.every_steps=3",  # in-run evaluation shares the fleet: it must survive the replacement too
+        "eval.every_steps=3",  # in-run evaluation shares the fleet: it must survive the replacements too
         "eval.synthetic_problems=16",
         "eval.samples_per_prompt=2",
         *SMALL,
         model_cache=model_cache,
     )
-    wait_for(lambda: steps_done(run) >= 2, what="two steps", proc=p)
-    actors = json.loads((run / "actors.json").read_text())
-    os.kill(actors["engines"][0]["pid"], signal.SIGKILL)
-    os.kill(actors["reward_workers"][0], signal.SIGKILL)
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+    orphans: list[int] = []
+    try:
+        wait_for(running(p, lambda: steps_done(run) >= 2), what="two steps")
+        first = engine_pid(run, 0)
+        orphans += [*descendants(first), *descendants(engine_pid(run, 1))]
+        os.kill(first, signal.SIGKILL)
+        os.kill(json.loads((run / "actors.json").read_text())["reward_workers"][0], signal.SIGKILL)
+        wait_for(
+            running(p, lambda: engine_pid(run, 0) not in (None, first)),
+            what="the killed engine actor replaced",
+        )
+
+        other = engine_pid(run, 1)
+        os.kill(vllm_process(other, "VLLM::Worker"), signal.SIGKILL)
+        wait_for(
+            running(p, lambda: engine_pid(run, 1) not in (None, other)),
+            what="the engine whose vLLM worker died replaced",
+        )
+        second = engine_pid(run, 0)
+        orphans += [*descendants(second), *descendants(engine_pid(run, 1))]
+        os.kill(vllm_process(second, "VLLM::EngineCore"), signal.SIGKILL)
+        wait_for(
+            running(p, lambda: engine_pid(run, 0) not in (None, second)),
+            what="the engine whose vLLM engine core died replaced",
+        )
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        kill_leftovers(orphans)
 
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     events = [e for m in metrics for e in m["events"]]
-    assert any(e["event"] == "engine_replaced" for e in events), events
-    assert any(e.get("component") == "reward_worker" for e in events), events
-    for m in metrics:  # every engine, the new one included, holds the learner's weights before it generates
+    replaced = [e for e in events if e.get("event") == "engine_replaced"]
+    assert len(replaced) == 3, events  # each death written once, in order
+    assert len([e for e in events if e.get("component") == "reward_worker"]) == 1, events
+    assert "actor died" in replaced[0]["reason"], replaced
+    assert all("vLLM died" in e["reason"] for e in replaced[1:]), replaced
+    for m in metrics:  # every engine, the new ones included, holds the learner's weights before it generates
         assert m["sync/checksum_match"] is True
         assert m["sync/engine_versions"] == [m["policy_version"]] * 2
         assert m["rollouts"] == 2 * per_step
@@ -96,16 +151,3 @@ def test_dead_engine_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_
     assert evaluated == [3, 6, 9, 12] and all(
         0.0 <= m["eval/avg@n"] <= 1.0 for m in metrics if "eval/avg@n" in m
     )
-
-
-def test_dead_learner_stops_with_checkpoint_then_resumes(tmp_path, model_cache, tiny_model):
-    run = tmp_path / "run"
-    p = start_train(run, "train.steps=8", "checkpoint.every_steps=1", *SMALL, model_cache=model_cache)
-    wait_for(lambda: steps_done(run) >= 2, what="two steps", proc=p)
-    os.kill(json.loads((run / "actors.json").read_text())["learner"][0], signal.SIGKILL)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 1
-    assert "learner rank died" in err and "last checkpoint:" in err and f"--resume {run}" in err
-    r = run_duet("train", "--resume", str(run))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [m["step"] for m in read_metrics(run)] == list(range(1, 9))

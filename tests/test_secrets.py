@@ -24,6 +24,9 @@ def test_a_secret_as_a_command_line_override_is_refused(field, capsys):
     assert f"{field}:" in err and "`ps`" in err and f"{field}_file" in err  # where to put it instead
     assert duet_main(["submit", "--no-upload", f"{field}=s3cret-on-the-command-line"]) == 2
     assert f"{field}:" in capsys.readouterr().err
+    assert duet_main(["eval", f"{field}=s3cret-on-the-command-line"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"duet eval: {field}:") and "`ps`" in err and f"{field}_file" in err
 
 
 def test_control_token_file_is_read_and_checked(tmp_path, capsys):
