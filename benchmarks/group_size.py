@@ -59,8 +59,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# First, even when PYTHONPATH holds it already: the script's own folder (sys.path[0]) has a rewards.py
+# that would shadow the rewards package.
+sys.path[:] = [str(ROOT), *(p for p in sys.path if p != str(ROOT))]
 
 from benchmarks.arithmetic_task import ensure_warm_model, split_problems, write_splits  # noqa: E402
 from benchmarks.common import RESULTS, provenance  # noqa: E402
