@@ -211,6 +211,7 @@ class Recorder:
         self.tied: list[float] = []
         self.load: list[float] = []
         self.step_s: list[float] = []
+        self.held_out: list | None = None
         self.loop_s = self.eval_s = self.startup_s = 0.0
         self.rollouts = 0
         self.split = dict.fromkeys([*SPLIT, "other"], 0.0)
@@ -242,7 +243,13 @@ class Recorder:
         from cluster.scoring import Scoring
 
         cfg, t0 = trainer.cfg, time.perf_counter()
-        prompts = trainer.eval_set if trainer.eval_set is not None else _eval_set(trainer)
+        if (
+            self.held_out is None
+        ):  # read once per run; not trainer.eval_set, which turns on the driver's evals
+            from cluster.evaluation import eval_prompts
+
+            self.held_out = eval_prompts(cfg)
+        prompts = self.held_out
         groups = generate(trainer.fleet, prompts, n, cfg.eval.sampling())
         counts = [
             sum(r == "correct" for r in sg.reasons)
@@ -260,13 +267,6 @@ class Recorder:
         point["histogram"] = [counts.count(c) for c in range(n + 1)]
         self.curve.append(point)
         return point
-
-
-def _eval_set(trainer) -> list:
-    from cluster.evaluation import eval_prompts
-
-    trainer.eval_set = eval_prompts(trainer.cfg)  # cached on the trainer: read the file once per run
-    return trainer.eval_set
 
 
 def run_config(
