@@ -15,28 +15,15 @@ import os
 import sys
 from pathlib import Path
 
-from cluster.config import Config, ConfigError, add_config_arguments, config_from_arguments
+from cluster.config import (
+    Config,
+    ConfigError,
+    add_config_arguments,
+    config_from_arguments,
+    refuse_secret_overrides,
+)
 from cluster.data import DatasetError, load_prompts
 from cluster.runtime import check_model, check_run_dir, run_dir_path
-
-# Fields that hold a secret, and where the secret goes instead of the command line (which `ps` shows to
-# every user of the machine, and the Ray dashboard shows for a job's entrypoint).
-SECRET_FIELDS = {
-    "control.token": "control.token_file=PATH or the variable control.token_env names (DUET_CONTROL_TOKEN)",
-    "rewards.remote_token": "rewards.remote_token_file=PATH or the variable rewards.remote_token_env names "
-    "(DUET_REWARD_TOKEN)",
-}
-
-
-def refuse_secret_overrides(overrides: list[str]) -> None:
-    """A secret given as a `section.field=value` override is refused, with where to put it instead."""
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key in SECRET_FIELDS:
-            raise ConfigError(
-                f"{key}: a secret on the command line shows in `ps` (and in a Ray job's entrypoint); "
-                f"give it as {SECRET_FIELDS[key]}"
-            )
 
 
 def check_runnable(cfg: Config) -> int:

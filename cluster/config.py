@@ -693,6 +693,26 @@ def add_config_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.group_size=4")
 
 
+# Fields that hold a secret, and where the secret goes instead of the command line (which `ps` shows to
+# every user of the machine, and the Ray dashboard shows for a job's entrypoint).
+SECRET_FIELDS = {
+    "control.token": "control.token_file=PATH or the variable control.token_env names (DUET_CONTROL_TOKEN)",
+    "rewards.remote_token": "rewards.remote_token_file=PATH or the variable rewards.remote_token_env names "
+    "(DUET_REWARD_TOKEN)",
+}
+
+
+def refuse_secret_overrides(overrides: list[str]) -> None:
+    """A secret given as a `section.field=value` override is refused, with where to put it instead."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in SECRET_FIELDS:
+            raise ConfigError(
+                f"{key}: a secret on the command line shows in `ps` (and in a Ray job's entrypoint); "
+                f"give it as {SECRET_FIELDS[key]}"
+            )
+
+
 def config_from_arguments(args: argparse.Namespace, *extra_overrides: str) -> Config:
     """`load_config` of what `add_config_arguments` parsed; `extra_overrides` apply last."""
     return load_config(args.config, [*args.overrides, *extra_overrides], args.preset)

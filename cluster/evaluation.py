@@ -51,6 +51,7 @@ from cluster.config import (
     SamplingConfig,
     add_config_arguments,
     config_from_arguments,
+    refuse_secret_overrides,
 )
 from cluster.data import DatasetError, read_rows, rows_to_prompts, synthetic_rows
 from cluster.records import Completion, Prompt
@@ -316,7 +317,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     """`duet eval`: validate everything, start engines and reward workers, evaluate, report."""
-    from cluster.cli import refuse_secret_overrides
     from cluster.runtime import check_model, init_ray, resolve_model
 
     args = _parser().parse_args(argv)

@@ -32,8 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster.cli import refuse_secret_overrides
-from cluster.config import PRESETS, ConfigError, load_config
+from cluster.config import PRESETS, ConfigError, load_config, refuse_secret_overrides
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding cluster/, actors/, learner/, rewards/
