@@ -63,7 +63,7 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
     SIGSTOPped (nothing fails, nothing comes: the loop must notice by itself). Control requests are
     answered and applied while the only engine hangs; the run heals itself and finishes every step."""
     run = tmp_path / "run"
-    steps, per_step = 8, 8
+    steps, per_step = 16, 8  # steps are about a second: room for both launches' faults under any load
     p = start(
         run,
         f"train.steps={steps}",
@@ -78,10 +78,17 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
     try:
         wait_for(running(p, lambda: steps_done(run) >= 1), what="one step")
         url, auth = control_auth(run)
+        # Paused first, so the checkpoint is of an early step whatever the machine's load (steps take about
+        # a second): the resumed launch needs steps left for its own faults.
+        assert httpx.post(f"{url}/pause", headers=auth).status_code == 200
         assert httpx.post(f"{url}/checkpoint", headers=auth).status_code == 200
         [resume_step] = wait_for(running(p, lambda: checkpoint_steps(run)), what="the checkpoint asked for")
+        assert resume_step <= steps - 8, resume_step
         dead_learner = json.loads((run / "actors.json").read_text())["learner"][0]
         os.kill(dead_learner, signal.SIGKILL)
+        assert (
+            httpx.post(f"{url}/resume", headers=auth).status_code == 200
+        )  # the next step meets the dead rank
         _, err = p.communicate(timeout=300)
     finally:
         stop_group(p)
