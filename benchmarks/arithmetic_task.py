@@ -113,7 +113,7 @@ def supervised_steps(
     answer format), batches drawn with replacement from `rows`."""
     import torch
 
-    from learner.tiny_model import BOXED
+    from learner.tiny_model import supervised_step
 
     rng = random.Random(seed + 17)
     torch.manual_seed(seed)
@@ -121,23 +121,7 @@ def supervised_steps(
     model.train()
     for _ in range(steps):
         picked = [rows[rng.randrange(len(rows))] for _ in range(batch)]
-        prompts = [tokenizer(r["problem"])["input_ids"] for r in picked]
-        answers = [
-            tokenizer(f"{BOXED}{r['answer']}}}")["input_ids"] + [tokenizer.eos_token_id] for r in picked
-        ]
-        width = max(len(p) + len(a) for p, a in zip(prompts, answers))
-        ids = torch.zeros(len(picked), width, dtype=torch.long)
-        labels = torch.full((len(picked), width), -100, dtype=torch.long)
-        attn = torch.zeros(len(picked), width, dtype=torch.long)
-        for i, (p, a) in enumerate(zip(prompts, answers)):
-            seq = p + a
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(p) : len(seq)] = torch.tensor(a)
-            attn[i, : len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        supervised_step(model, opt, tokenizer, [(r["problem"], r["answer"]) for r in picked])
     model.eval()
 
 

@@ -71,6 +71,30 @@ def build_model(out_dir: str | Path, seed: int = 0):
     return model
 
 
+def supervised_step(model, opt, tokenizer, problems: list[tuple[str, str]]) -> None:
+    """One optimizer step of next-token loss on `\\boxed{answer}</s>` after each (problem, answer): the
+    policy's answer format (the loss covers the answer tokens only)."""
+    import torch
+
+    prompts = [tokenizer(problem)["input_ids"] for problem, _ in problems]
+    answers = [
+        tokenizer(f"{BOXED}{answer}}}")["input_ids"] + [tokenizer.eos_token_id] for _, answer in problems
+    ]
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    ids = torch.zeros(len(problems), width, dtype=torch.long)
+    labels = torch.full((len(problems), width), -100, dtype=torch.long)
+    attn = torch.zeros(len(problems), width, dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        seq = p + a
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(p) : len(seq)] = torch.tensor(a)
+        attn[i, : len(seq)] = 1
+    loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def warm_start(model, tokenizer, steps: int, max_operand: int, seed: int, lr: float = 3e-3) -> float:
     """Supervised pass on `a+b=` → `\\boxed{a+b}</s>`; returns greedy accuracy on fresh problems.
 
@@ -84,21 +108,7 @@ def warm_start(model, tokenizer, steps: int, max_operand: int, seed: int, lr: fl
     model.train()
     for _ in range(steps):
         pairs = [(rng.randint(0, max_operand), rng.randint(0, max_operand)) for _ in range(64)]
-        prompts = [tokenizer(f"{a}+{b}=")["input_ids"] for a, b in pairs]
-        answers = [tokenizer(f"{BOXED}{a + b}}}")["input_ids"] + [tokenizer.eos_token_id] for a, b in pairs]
-        width = max(len(p) + len(a) for p, a in zip(prompts, answers))
-        ids = torch.zeros(len(pairs), width, dtype=torch.long)
-        labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-        attn = torch.zeros(len(pairs), width, dtype=torch.long)
-        for i, (p, a) in enumerate(zip(prompts, answers)):
-            seq = p + a
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(p) : len(seq)] = torch.tensor(a)
-            attn[i, : len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        supervised_step(model, opt, tokenizer, [(f"{a}+{b}=", str(a + b)) for a, b in pairs])
     return greedy_accuracy(model, tokenizer, max_operand, seed + 99)
 
 

@@ -117,6 +117,13 @@ def stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
         proc.wait()
 
 
+def kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL a run started with start_new_session (its whole process group) if it still runs."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
 @contextlib.contextmanager
 def reward_server(
     *args: str, env: dict[str, str] | None = None, start_timeout_s: float = 90.0

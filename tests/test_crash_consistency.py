@@ -17,7 +17,7 @@ import pytest
 
 from cluster.config import load_config
 from cluster.data import PromptStream, load_prompts
-from tests.helpers import REPO, duet_cmd
+from tests.helpers import REPO, duet_cmd, kill_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -66,9 +66,7 @@ def launch(run_dir: Path, *args: str, fault: str | None, model_cache: Path, time
     try:
         _, err = p.communicate(timeout=timeout_s)
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        kill_group(p)
     return p.returncode, err
 
 

@@ -23,6 +23,7 @@ from tests.helpers import (
     descendants,
     duet_cmd,
     engine_pid,
+    kill_group,
     kill_leftovers,
     running,
     steps_done,
@@ -46,12 +47,6 @@ def checkpoint_steps(run: Path) -> list[int]:
     root = run / "checkpoints"
     done = root.glob("step_*/driver_state.json") if root.exists() else []
     return sorted(int(f.parent.name[5:]) for f in done)
-
-
-def stop_group(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
 
 
 def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_cache, tiny_model):
@@ -91,7 +86,7 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
         )  # the next step meets the dead rank
         _, err = p.communicate(timeout=300)
     finally:
-        stop_group(p)
+        kill_group(p)
     assert p.returncode == 1, err[-3000:]
     assert "learner rank died" in err and "last checkpoint:" in err and f"--resume {run}" in err
     assert steps_done(run) < steps  # the kill landed before the run was over
@@ -139,7 +134,7 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
     finally:
-        stop_group(p)
+        kill_group(p)
         kill_leftovers(stopped)
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))

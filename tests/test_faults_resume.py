@@ -21,6 +21,7 @@ from tests.helpers import (
     SMALL_RUN,
     descendants,
     engine_pid,
+    kill_group,
     kill_leftovers,
     run_duet,
     running,
@@ -55,9 +56,7 @@ def test_dead_learner_stops_with_checkpoint_then_resume_matches_straight_run(
         os.kill(json.loads((killed / "actors.json").read_text())["learner"][0], signal.SIGKILL)
         _, err = p.communicate(timeout=300)
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        kill_group(p)
     assert p.returncode == 1, err[-3000:]
     assert "learner rank died" in err and "last checkpoint:" in err and f"--resume {killed}" in err
     # The kill landed mid-run: before its last step.
@@ -128,9 +127,7 @@ def test_dead_engines_vllm_processes_and_reward_worker_are_replaced(tmp_path, mo
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        kill_group(p)
         kill_leftovers(orphans)
 
     metrics = read_metrics(run)

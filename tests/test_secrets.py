@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from cluster.cli import main as duet_main
-from tests.helpers import REPO, duet_cmd, running, steps_done, wait_for
+from tests.helpers import REPO, duet_cmd, kill_group, running, steps_done, wait_for
 
 
 @pytest.mark.parametrize("field", ["control.token", "rewards.remote_token"])
@@ -94,9 +93,7 @@ def test_planted_tokens_leak_nowhere(tmp_path, model_cache, tiny_model):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        kill_group(p)
     # The control API took the token from the file: it is the one in control.json.
     control = run / "control.json"
     assert json.loads(control.read_text())["token"] == control_token
