@@ -244,11 +244,12 @@ class RolloutEngine:
         update costs one round trip per engine. If the receive fails the update stays open (the next
         start closes it) and the engine holds new requests until a broadcast completes."""
         t0 = time.perf_counter()
-        await self.start_weight_update()
-        t1 = time.perf_counter()
-        await self.update_weights(update_info)
-        t2 = time.perf_counter()
-        await self.finish_weight_update(weight_version)
+        async with self._vllm_call():
+            await self.start_weight_update()
+            t1 = time.perf_counter()
+            await self.update_weights(update_info)
+            t2 = time.perf_counter()
+            await self.finish_weight_update(weight_version)
         self.update_timing = {"start_s": t1 - t0, "update_s": t2 - t1, "finish_s": time.perf_counter() - t2}
 
     async def shutdown_weight_transfer_engine(self) -> None:
@@ -269,16 +270,19 @@ class RolloutEngine:
         return await self.engine.collective_rpc("duet_transfer_stats")
 
     async def weight_version(self) -> int:
-        reported = await self.engine.get_weight_version()
+        async with self._vllm_call():
+            reported = await self.engine.get_weight_version()
         return int(reported) if str(reported).isdigit() else self.version
 
     async def received_digest(self) -> list[str | None]:
         """sha256 of the bytes each worker received in the last update (one per TP rank)."""
-        return await self.engine.collective_rpc("duet_received_digest")
+        async with self._vllm_call():
+            return await self.engine.collective_rpc("duet_received_digest")
 
     async def weight_checksums(self) -> list[dict[str, str]]:
         """vLLM's own per-parameter sha256, in its fused layout: comparable between engines."""
-        return await self.engine.compute_weight_checksums()
+        async with self._vllm_call():
+            return await self.engine.compute_weight_checksums()
 
     async def pause(self, mode: str = "keep") -> None:
         await self.engine.pause_generation(mode=mode, clear_cache=False)

@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.rollout_engine import RolloutEngine
 from cluster.config import Config, SamplingConfig
-from cluster.liveness import DEAD, SILENT, poll
+from cluster.liveness import DEAD, FAILED, SILENT, poll
 from cluster.placement import Plan
 from cluster.preflight import wait_placed
 from cluster.records import Prompt
@@ -173,7 +173,7 @@ class RolloutFleet:
                 dead[k] = "actor died"
             elif verdict == SILENT:
                 dead[k] = f"no answer in {timeout_s:.0f} s"
-            elif not alive:
+            elif verdict == FAILED or not alive:
                 dead[k] = "vLLM died"
         return dead
 

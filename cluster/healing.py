@@ -15,6 +15,7 @@ Callers: the synchronous rollout (before a step, and a chunk whose engine died),
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,6 +27,10 @@ from cluster.run_actors import RunActors
 # What a call on an engine raises when the engine died: its actor (RayActorError), or vLLM's processes
 # under a live actor (RayTaskError wrapping EngineDeadError). Which one it was, `heal` asks the fleet.
 ENGINE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)
+# After a call failed, how long `heal` keeps asking before it concludes that no engine died: vLLM marks an
+# engine dead a moment after its worker process dies (its monitor thread, then the engine core's message
+# to the client), so a call can fail with EngineDeadError before `alive()` answers False.
+FAILURE_GRACE_S = 15.0
 
 
 class FleetHealer:
@@ -35,11 +40,15 @@ class FleetHealer:
     def __init__(self, actors: RunActors, producer: RolloutProducer | None = None) -> None:
         self.actors, self.producer = actors, producer
 
-    def heal(self, reason: str, version: int, timeout_s: float = 30.0) -> dict | None:
+    def heal(self, reason: str, version: int, timeout_s: float = 30.0, grace_s: float = 0.0) -> dict | None:
         """Replace the engines that died (found by a cheap call answered within `timeout_s`), reconnect and
-        push the current weights. Returns the broadcast's result, or None when every engine was alive."""
+        push the current weights. Returns the broadcast's result, or None when every engine was alive.
+        `grace_s`: a call has just failed, so ask again for up to this long before answering None."""
         fleet = self.actors.fleet
-        dead = fleet.dead_slots(timeout_s)
+        dead, give_up = fleet.dead_slots(timeout_s), time.monotonic() + grace_s
+        while not dead and time.monotonic() < give_up:
+            time.sleep(1.0)
+            dead = fleet.dead_slots(timeout_s)
         if not dead:
             return None
         with self.held():
@@ -47,19 +56,21 @@ class FleetHealer:
                 fleet.replace(k, f"{reason}: {what}", version, answers=what == "vLLM died")
             return self.actors.reconnect_fleet(version)
 
-    def retry(self, fn: Callable[[], Any], reason: str, version: int) -> Any:
-        """Run `fn()`; if an engine died meanwhile, heal the fleet and run it again."""
-        try:
-            return fn()
-        except ENGINE_FAILURES:
-            if self.heal(reason, version) is None:
-                raise
-            return fn()
+    def retry(self, fn: Callable[[], Any], reason: str, version: int, attempts: int = 3) -> Any:
+        """Run `fn()`; if an engine died meanwhile, heal the fleet and run it again (another engine may die
+        during the rerun: up to `attempts` runs in all)."""
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except ENGINE_FAILURES:
+                if attempt == attempts - 1 or self.heal(reason, version, grace_s=FAILURE_GRACE_S) is None:
+                    raise
+        raise AssertionError("unreachable")
 
     def replaced(self, engine_id: int, error: BaseException, version: int) -> bool:
         """Engine `engine_id`'s generate call failed with `error`: heal (another failure may have replaced
         it already). False when it still answers a liveness call: not a death to mend."""
-        self.heal(f"died mid-step: {failure_name(error)}", version)
+        self.heal(f"died mid-step: {failure_name(error)}", version, grace_s=FAILURE_GRACE_S)
         return engine_id not in self.actors.fleet.ids
 
     def heal_lost_engines(self, version: int) -> bool:
@@ -68,7 +79,7 @@ class FleetHealer:
         lost = self.producer.lost_engines()
         if not lost:
             return False
-        self.heal(f"died mid-step: {', '.join(sorted(set(lost.values())))}", version)
+        self.heal(f"died mid-step: {', '.join(sorted(set(lost.values())))}", version, grace_s=FAILURE_GRACE_S)
         alive = {i: e for i, e in lost.items() if i in self.actors.fleet.ids}
         if alive:
             raise RuntimeError(

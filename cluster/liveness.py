@@ -10,12 +10,13 @@ from typing import Any
 
 import ray
 
-ANSWERED, DEAD, SILENT = "answered", "dead", "silent"
+ANSWERED, DEAD, SILENT, FAILED = "answered", "dead", "silent", "failed"
 
 
 def poll(refs: list[ray.ObjectRef], timeout_s: float) -> list[tuple[str, Any]]:
     """(verdict, value) per ref, in order: value is the result when ANSWERED, else None.
-    DEAD: the actor's process is gone; SILENT: no answer within `timeout_s` (all refs share it)."""
+    DEAD: the actor's process is gone; SILENT: no answer within `timeout_s` (all refs share it);
+    FAILED: the actor lives but the call raised (e.g. EngineDeadError: vLLM died under the actor)."""
     ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     out: list[tuple[str, Any]] = []
     for ref in refs:
@@ -25,4 +26,6 @@ def poll(refs: list[ray.ObjectRef], timeout_s: float) -> list[tuple[str, Any]]:
             out.append((SILENT, None))
         except ray.exceptions.RayActorError:
             out.append((DEAD, None))
+        except ray.exceptions.RayTaskError:
+            out.append((FAILED, None))
     return out

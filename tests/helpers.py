@@ -166,12 +166,23 @@ SMALL_RUN = [
 ]
 
 
+def failure_summary(stderr: str, tail_chars: int = 3000) -> str:
+    """A run's stderr cut for an assertion message: every traceback frame in the project's own files (a
+    Ray error's remote traceback fills the tail, and the frame that called it is far above), then the tail."""
+    own = [
+        line.strip()
+        for line in stderr.splitlines()
+        if line.strip().startswith(f'File "{REPO}') and "/.venv/" not in line
+    ]
+    return "project frames:\n  " + "\n  ".join(own) + f"\n...\n{stderr[-tail_chars:]}"
+
+
 def running(p: subprocess.Popen, cond):
     """`cond` for wait_for, failing at once when the run has exited (instead of waiting out the deadline)."""
 
     def check():
         if p.poll() is not None:
-            raise AssertionError(f"the run exited ({p.returncode}): {p.stderr.read()[-3000:]}")
+            raise AssertionError(f"the run exited ({p.returncode}): {failure_summary(p.stderr.read())}")
         return cond()
 
     return check

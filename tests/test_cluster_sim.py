@@ -17,7 +17,7 @@ import pytest
 
 from cluster.metrics import read_metrics
 from tests.cluster_sim import netns_available, sim_cluster
-from tests.helpers import REPO, duet_cmd
+from tests.helpers import REPO, duet_cmd, wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -96,7 +96,12 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
     with sim_cluster(nodes) as cluster:
         run_dir = tmp_path / "run"
         t0 = time.monotonic()
-        proc = _submit(cluster, run_dir, model_cache, "train.steps=8", "checkpoint.every_steps=2", wait=False)
+        # 16 steps: a fast machine runs several steps between seeing step 1 and the node's death, and
+        # the learner's node must still be killed mid-run, after the engine was placed again.
+        steps = 16
+        proc = _submit(
+            cluster, run_dir, model_cache, f"train.steps={steps}", "checkpoint.every_steps=2", wait=False
+        )
         assert proc.returncode == 0, proc.stderr
         job_id = proc.stdout.splitlines()[0].strip()
         _wait_steps(run_dir, 1)
@@ -108,7 +113,11 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
         assert cluster.kill_node(doomed) > 0
         assert not psutil.pid_exists(engine_pid) or psutil.Process(engine_pid).status() == "zombie"
         print(f"engine node {doomed.name} killed after step {_steps(run_dir)}")
-        # Step 3 follows the checkpoint of step 2; then learner rank 0's node goes.
+        # The engine placed again, and step 3 (after the checkpoint of step 2); then learner rank 0's node.
+        wait_for(
+            lambda: cluster.node(_actors(run_dir)["engines"][0]["address"]) is not doomed,
+            timeout_s=600, what="the engine placed again on another node", every_s=0.5,
+        )  # fmt: skip
         _wait_steps(run_dir, 3)
         mid = _actors(run_dir)
         survivor = cluster.node(mid["engines"][0]["address"])
@@ -119,9 +128,9 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
         assert learner_pid in cluster.pids(learner_node), (learner_pid, cluster.pids(learner_node))
         assert cluster.kill_node(learner_node) > 0
         t_kill, killed_at = time.monotonic(), _steps(run_dir)
-        assert killed_at < 8, "the run ended before its learner's node was killed"
+        assert killed_at < steps, "the run ended before its learner's node was killed"
         stopped = _follow(cluster, job_id)
-        print(f"engine node lost after step 1, learner node after step {killed_at}; the job ended "
+        print(f"learner node lost after step {killed_at}; the job ended "
               f"{time.monotonic() - t_kill:.0f} s after the kill ({time.monotonic() - t0:.0f} s in all)")  # fmt: skip
         out = stopped.stdout + stopped.stderr
         assert stopped.returncode == 1, out[-4000:]
@@ -141,7 +150,7 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
         assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
         assert "resuming from" in resumed.stdout + resumed.stderr
         metrics = read_metrics(run_dir)
-        assert [m["step"] for m in metrics] == list(range(1, 9))
+        assert [m["step"] for m in metrics] == list(range(1, steps + 1))
         after = _actors(run_dir)
         new_learner = cluster.node(after["learner_addresses"][0])
         assert new_learner.name in ("worker2", "worker4") and new_learner is not learner_node, after
