@@ -71,12 +71,21 @@ class RolloutFleet:
         return i, engine, pg
 
     def start(self, n: int, version: int = 0) -> None:
-        started = [self._start_one(version) for _ in range(n)]
-        ray.get([e.ready.remote() for _, e, _ in started])
-        for i, e, pg in started:
+        self.launch(n, version)
+        self.wait_ready()
+
+    def launch(self, n: int, version: int = 0) -> None:
+        """Place and create n engines without waiting for vLLM to load: the caller starts the learner
+        meanwhile (each takes 10-30 s on a CPU), then calls `wait_ready`. `shutdown` releases them either way."""
+        for _ in range(n):
+            i, e, pg = self._start_one(version)
             self.ids.append(i)
             self.engines.append(e)
             self.groups.append(pg)
+
+    def wait_ready(self) -> None:
+        """Until every engine has loaded its model (an engine that fails to start raises here)."""
+        ray.get([e.ready.remote() for e in self.engines])
 
     def submit(
         self,

@@ -60,12 +60,14 @@ class RunActors:
         wait_placed(self.learner_pg, cfg.cluster.placement_timeout_s, "learner")
         check_run_dir(self.run_dir, self.learner_pg, cfg.cluster.placement_timeout_s)
         self.fleet = RolloutFleet(cfg, plan, model_path)
+        # The engines load while the learner ranks do (LearnerGroup waits for its ranks to join).
+        self.fleet.launch(cfg.rollout.num_engines, version)
         self.rewards = RewardPool(cfg.rewards)
         self.queue = ReplayQueue.remote(
             cfg.train.queue_capacity_groups, cfg.train.max_staleness_versions, cfg.algorithm.filter_tied
         )
         self.learner = LearnerGroup(cfg, model_path, self.learner_pg, plan.device, plan.learner_threads)
-        self.fleet.start(cfg.rollout.num_engines, version)
+        self.fleet.wait_ready()
         self.connect_fleet()
 
     def connect_fleet(self) -> None:
