@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -130,6 +131,9 @@ def main() -> int:
                 print(f"{point}: not run (--budget-s {args.budget_s:.0f} s spent)", flush=True)
                 continue
             r = sweep_one(point, args.step, Path(d), Path(args.model_cache))
+            r["command"] = "python " + shlex.join(
+                ["benchmarks/crash_sweep.py", *sys.argv[1:]]
+            )  # --continue merges runs
             print(
                 f"{point}:{args.step}: {'ok' if r['ok'] else 'FAILED ' + r['error']} ({r['seconds']} s)",
                 flush=True,

@@ -27,7 +27,7 @@ from cluster.config import Config
 from cluster.control import RunControl, start_control
 from cluster.data import PromptStream, load_prompts
 from cluster.evaluation import eval_metrics, eval_prompts, evaluate
-from cluster.healing import ENGINE_FAILURES, FAILURE_GRACE_S, FleetHealer
+from cluster.healing import ENGINE_FAILURES, FleetHealer
 from cluster.pipeline import RolloutProducer
 from cluster.records import Prompt, ScoredGroup
 from cluster.reporting import StepReporter
@@ -292,7 +292,7 @@ class Trainer:
         try:
             return self.actors.learner_call(self.learner.broadcast, self.version, checksum)
         except ENGINE_FAILURES:  # or a learner-side failure: heal finds no dead engine and it is re-raised
-            sent = self.healer.heal("died during a broadcast", self.version, grace_s=FAILURE_GRACE_S)
+            sent = self.healer.heal("died during a broadcast", self.version, after_failure=True)
             if sent is None:
                 raise
             return sent

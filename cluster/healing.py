@@ -40,12 +40,15 @@ class FleetHealer:
     def __init__(self, actors: RunActors, producer: RolloutProducer | None = None) -> None:
         self.actors, self.producer = actors, producer
 
-    def heal(self, reason: str, version: int, timeout_s: float = 30.0, grace_s: float = 0.0) -> dict | None:
+    def heal(
+        self, reason: str, version: int, timeout_s: float = 30.0, after_failure: bool = False
+    ) -> dict | None:
         """Replace the engines that died (found by a cheap call answered within `timeout_s`), reconnect and
         push the current weights. Returns the broadcast's result, or None when every engine was alive.
-        `grace_s`: a call has just failed, so ask again for up to this long before answering None."""
+        `after_failure`: a call has just failed, so ask again for up to FAILURE_GRACE_S before None."""
         fleet = self.actors.fleet
-        dead, give_up = fleet.dead_slots(timeout_s), time.monotonic() + grace_s
+        dead = fleet.dead_slots(timeout_s)
+        give_up = time.monotonic() + (FAILURE_GRACE_S if after_failure else 0.0)
         while not dead and time.monotonic() < give_up:
             time.sleep(1.0)
             dead = fleet.dead_slots(timeout_s)
@@ -59,18 +62,18 @@ class FleetHealer:
     def retry(self, fn: Callable[[], Any], reason: str, version: int, attempts: int = 3) -> Any:
         """Run `fn()`; if an engine died meanwhile, heal the fleet and run it again (another engine may die
         during the rerun: up to `attempts` runs in all)."""
-        for attempt in range(attempts):
+        for _ in range(attempts - 1):
             try:
                 return fn()
             except ENGINE_FAILURES:
-                if attempt == attempts - 1 or self.heal(reason, version, grace_s=FAILURE_GRACE_S) is None:
+                if self.heal(reason, version, after_failure=True) is None:
                     raise
-        raise AssertionError("unreachable")
+        return fn()
 
     def replaced(self, engine_id: int, error: BaseException, version: int) -> bool:
         """Engine `engine_id`'s generate call failed with `error`: heal (another failure may have replaced
         it already). False when it still answers a liveness call: not a death to mend."""
-        self.heal(f"died mid-step: {failure_name(error)}", version, grace_s=FAILURE_GRACE_S)
+        self.heal(f"died mid-step: {failure_name(error)}", version, after_failure=True)
         return engine_id not in self.actors.fleet.ids
 
     def heal_lost_engines(self, version: int) -> bool:
@@ -79,7 +82,7 @@ class FleetHealer:
         lost = self.producer.lost_engines()
         if not lost:
             return False
-        self.heal(f"died mid-step: {', '.join(sorted(set(lost.values())))}", version, grace_s=FAILURE_GRACE_S)
+        self.heal(f"died mid-step: {', '.join(sorted(set(lost.values())))}", version, after_failure=True)
         alive = {i: e for i, e in lost.items() if i in self.actors.fleet.ids}
         if alive:
             raise RuntimeError(
