@@ -9,8 +9,11 @@ micro-batch 2 × 2,048 tokens (fp32, CPU), the way LearnerWorker.train_step does
 Each variant runs in a fresh process (peak RSS is a per-process high-water mark), new first. The old one
 can need over 10 GiB: each child caps its address space below the memory available at start, so on a
 small machine it fails with an allocation error instead of waking the OOM killer.
+With `--device cuda` the measure is the GPU's: torch.cuda.max_memory_allocated over the step (the model's
+own memory excluded), at the shipped 1.5B config's micro-batch of 8 unless --batch says otherwise.
 
-    python benchmarks/learner_memory.py            # writes benchmarks/results/learner_memory.json
+    python benchmarks/learner_memory.py                 # writes benchmarks/results/learner_memory.json
+    python benchmarks/learner_memory.py --device cuda   # writes benchmarks/results/learner_memory_cuda.json
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def _available_gib() -> float:
 
 def child(args: argparse.Namespace) -> dict:
     """One variant, one micro-batch, in this process; prints a JSON line."""
-    if args.cap_gib:
+    if args.cap_gib and args.device == "cpu":
         cap = int(args.cap_gib * GIB)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     import torch
@@ -57,6 +60,8 @@ def child(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     arch = {**ARCH, "max_position_embeddings": args.seq}
     model = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, tie_word_embeddings=False, **arch)).float()
+    cuda = args.device == "cuda"
+    model.to(args.device)
     head = install_completion_head(model, args.chunk) if args.variant == "new" else None
     g = torch.Generator().manual_seed(1)
     completion = args.seq - args.prompt
@@ -64,23 +69,30 @@ def child(args: argparse.Namespace) -> dict:
     comps = [torch.randint(0, args.vocab, (completion,), generator=g).tolist() for _ in range(args.batch)]
     mask = torch.ones((args.batch, completion))
     adv = torch.tensor([1.0, -0.5] * (args.batch // 2) + [0.5] * (args.batch % 2))
-    baseline = _rss_peak_gib()
+    mask, adv = mask.to(args.device), adv.to(args.device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated() / GIB if cuda else _rss_peak_gib()
 
     t0 = time.perf_counter()
     if head is None:
-        logp, entropy = reference_logprobs(model, prompts, comps, args.temperature)
+        logp, entropy = reference_logprobs(model, prompts, comps, args.temperature, args.device)
     else:
-        logp, entropy = completion_logprobs(model, head, prompts, comps, args.temperature)
+        logp, entropy = completion_logprobs(model, head, prompts, comps, args.temperature, args.device)
     loss, _ = policy_loss(logp, logp.detach(), adv, mask, clip_low=0.2, clip_high=0.28)
     loss.backward()
     mean_entropy = float((entropy.detach() * mask).sum() / mask.sum())
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     grad_sq = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
+    peak = torch.cuda.max_memory_allocated() / GIB if cuda else _rss_peak_gib()
     return {
         "variant": args.variant,
-        "peak_rss_gib": round(_rss_peak_gib(), 3),
-        "before_step_rss_gib": round(baseline, 3),
-        "step_increase_gib": round(_rss_peak_gib() - baseline, 3),
+        "peak_rss_gib" if not cuda else "peak_cuda_allocated_gib": round(peak, 3),
+        "before_step_rss_gib" if not cuda else "before_step_cuda_allocated_gib": round(baseline, 3),
+        "step_increase_gib": round(peak - baseline, 3),
         "seconds": round(seconds, 2),
         "loss": loss.item(),
         "grad_norm": grad_sq**0.5,
@@ -88,11 +100,22 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
+def _device_name(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+
+
 def run_variant(variant: str, args: argparse.Namespace, cap_gib: float) -> dict:
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--cap-gib", f"{cap_gib:.2f}"]
-    for flag in ("batch", "seq", "prompt", "vocab", "chunk", "threads", "temperature"):
+    for flag in ("batch", "seq", "prompt", "vocab", "chunk", "threads", "temperature", "device"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout_s)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -107,7 +130,10 @@ def run_variant(variant: str, args: argparse.Namespace, cap_gib: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=2, help="sequences in the micro-batch")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--batch", type=int, help="sequences in the micro-batch (default: 2 on cpu, 8 on cuda)"
+    )
     parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (prompt + completion)")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per sequence")
     parser.add_argument("--vocab", type=int, default=151_936, help="vocabulary size (Qwen2.5's)")
@@ -115,11 +141,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per variant")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "learner_memory.json"))
+    parser.add_argument("--out", help="default: benchmarks/results/learner_memory[_cuda].json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["old", "new"], help=argparse.SUPPRESS)
     parser.add_argument("--cap-gib", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.batch = args.batch or (8 if args.device == "cuda" else 2)
+    suffix = "_cuda" if args.device == "cuda" else ""
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"learner_memory{suffix}.json")
     if not 0 < args.prompt < args.seq:
         parser.error(f"--prompt must be between 1 and --seq - 1 ({args.seq - 1}), got {args.prompt}")
     if args.child:
@@ -132,14 +161,15 @@ def main() -> None:
         results[variant] = run_variant(variant, args, cap)
         print(json.dumps(results[variant]), flush=True)
     new, old = results["new"], results["old"]
+    peak = "peak_cuda_allocated_gib" if args.device == "cuda" else "peak_rss_gib"
     summary: dict = {}
     if "error" not in new and "error" not in old:
         summary = {
-            "peak_ratio_new_over_old": round(new["peak_rss_gib"] / old["peak_rss_gib"], 4),
+            "peak_ratio_new_over_old": round(new[peak] / old[peak], 4),
             "step_increase_ratio_new_over_old": round(new["step_increase_gib"] / old["step_increase_gib"], 4),
             "loss_abs_diff": abs(new["loss"] - old["loss"]),
             "grad_norm_rel_diff": abs(new["grad_norm"] - old["grad_norm"]) / old["grad_norm"],
-            "goal_new_at_most_quarter_of_old": new["peak_rss_gib"] <= old["peak_rss_gib"] / 4,
+            "goal_new_at_most_quarter_of_old": new[peak] <= old[peak] / 4,
         }
     record = {
         "benchmark": "learner_memory",
@@ -161,7 +191,12 @@ def main() -> None:
             "dtype": "float32",
             "model": "tiny Llama (learner/tiny_model.py ARCH: hidden 128, 2 layers) with the vocabulary above",
         },
-        "measure": "peak RSS of a fresh process (ru_maxrss) over model build + one forward, loss, backward",
+        "device": _device_name(args.device),
+        "measure": (
+            "peak RSS of a fresh process (ru_maxrss) over model build + one forward, loss, backward"
+            if args.device == "cpu"
+            else "torch.cuda.max_memory_allocated over one forward, loss, backward, in a fresh process"
+        ),
         "results": results,
         "summary": summary,
     }

@@ -153,7 +153,11 @@ def completion_logprobs(
 
 
 def reference_logprobs(
-    model: nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float
+    model: nn.Module,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    temperature: float,
+    device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
     """The learner's computation before `CompletionHead`, kept as the reference that tests and
     benchmarks/learner_memory.py compare against: fp32 logits at every position, a padded copy of the
@@ -164,7 +168,7 @@ def reference_logprobs(
         out = torch.zeros((len(rows), max(len(r) for r in rows)), dtype=torch.long)
         for i, r in enumerate(rows):
             out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return out
+        return out.to(device)
 
     seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
     logits = model(input_ids=pad(seqs), attention_mask=pad([[1] * len(s) for s in seqs])).logits

@@ -11,6 +11,13 @@ Checks, each printed as a `PASS`/`FAIL` line:
    DeepSpeed's, as duet-rl's weight sync does; the sha256 of every tensor's bytes must be equal at
    both ends. With one GPU this check is skipped (NCCL refuses two ranks on one GPU), and said so.
 
+4. duet-rl's own learner code on CUDA: `learner.rank.LearnerRank` (what each `LearnerWorker` Ray actor
+   runs; no Ray here) joins an NCCL group, takes `old_logprobs` and 3 `train_step`s of 2 micro-batches
+   under ZeRO 0, 2 and 3 (3 with every parameter partitioned) in fp32, each in a fresh process: the
+   weights move at every step, and the three stages' gradient norms and mean log-probs agree within
+   1e-4 relative; a DeepSpeed checkpoint saved after step 2 and loaded back redoes step 3 the same;
+   one more ZeRO-3 run in bf16 (the dtype of GPU runs), within 1e-2.
+
 Exit status 0 when every check that ran passed. Usage: python scripts/gpu_smoke_learner.py [--steps 3]
 """
 
@@ -29,6 +36,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from learner.tiny_model import VOCAB_SIZE  # noqa: E402  (the repo on sys.path first)
 
 
 def digests(named: list[tuple[str, torch.Tensor]]) -> dict[str, str]:
@@ -74,10 +83,137 @@ def _check(ok: bool, what: str, failures: list[str]) -> None:
         failures.append(what)
 
 
+def _rank_rows(step: int, n: int = 6) -> list[dict]:
+    """A step's rows in the shape the driver sends LearnerWorker.train_step (seeded by the step)."""
+    g = torch.Generator().manual_seed(100 + step)
+    rows = []
+    for i in range(n):
+        comp = torch.randint(
+            3, VOCAB_SIZE, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g
+        ).tolist()
+        rows.append({
+            "prompt_ids": torch.randint(3, VOCAB_SIZE, (6,), generator=g).tolist(),
+            "completion_ids": comp,
+            "behaviour_logprobs": [-5.0] * len(comp),
+            "advantage": [1.0, -1.0, 0.5, -0.5, 0.25, -0.25][i % 6],
+            "keep": True,
+        })  # fmt: skip
+    return rows
+
+
+def rank_child(model_dir: str, stage: int, dtype: str, work: str, device: str) -> dict:
+    """One LearnerRank (world size 1, NCCL) on cuda:0: 3 steps, a checkpoint after step 2, step 3 redone
+    from it. Runs in its own process: DeepSpeed keeps process-wide state between engines."""
+    from cluster.config import Config
+    from learner.rank import LearnerRank
+
+    cfg = Config.model_validate({
+        "model": {"dtype": dtype},
+        "learner": {"zero_stage": stage, "micro_batch_size": 4, "zero3_persistence_threshold": 0, "lr": 1e-3},
+    })  # fmt: skip
+    rank = LearnerRank(0, 1, cfg, model_dir, device, None)
+    rank.store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    rank.join("127.0.0.1", rank.store.port, timeout_s=120)
+    out: dict = {"device": str(rank.engine.device), "backend": torch.distributed.get_backend(), "steps": []}
+    ckpt = os.path.join(work, f"ckpt-zero{stage}-{dtype}")
+
+    def step(rows: list[dict]) -> dict:
+        old = rank.old_logprobs(rows, 2)
+        assert [len(o) for o in old] == [len(r["completion_ids"]) for r in rows], "old_logprobs lengths"
+        units = [len(r["completion_ids"]) if cfg.algorithm.aggregation == "token_mean" else 1 for r in rows]
+        stats = rank.train_step(rows, float(sum(units)), 2)
+        # The mean log-prob under the weights that start the step: a fingerprint of those weights (the loss
+        # is not one: with one update per batch the ratio is 1, so the loss is -mean(advantage)).
+        return {
+            "old_logprob_mean": sum(map(sum, old)) / sum(map(len, old)),
+            **{k: stats[k] for k in ("train/loss", "train/grad_norm", "train/tokens")},
+        }
+
+    for k in (1, 2, 3):
+        out["steps"].append(step(_rank_rows(k)))
+        if k == 2:
+            rank.save_checkpoint(ckpt, "step_2", {"step": 2})
+    out["checkpoint_step"] = rank.load_checkpoint(ckpt, "step_2").get("step")
+    out["redo_step3"] = step(_rank_rows(3))
+    torch.distributed.destroy_process_group()
+    return out
+
+
+RANK_VARIANTS = ((0, "float32"), (2, "float32"), (3, "float32"), (3, "bfloat16"))
+
+
+def check_learner_rank(
+    model_dir: str, work: str, failures: list[str], device: str = "cuda", variants=RANK_VARIANTS
+) -> None:
+    """Check 4 (see the module's docstring): each variant in a fresh process, compared here. `device`
+    "cpu" (gloo) is the dry run that tests/test_learner_rank.py makes of this check on CPU machines."""
+    import json
+    import subprocess
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    results = {}
+    for stage, dtype in variants:
+        t0 = time.perf_counter()
+        cmd = [sys.executable, __file__, "--rank-child", str(stage), dtype, model_dir, work, device]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        name = f"LearnerRank ZeRO-{stage} {dtype}"
+        if proc.returncode != 0 or not lines:
+            _check(False, f"{name}: exit {proc.returncode}: {proc.stderr.strip()[-2000:]}", failures)
+            continue
+        r = results[(stage, dtype)] = json.loads(lines[-1])
+        olds = [s["old_logprob_mean"] for s in r["steps"]]
+        norms = [s["train/grad_norm"] for s in r["steps"]]
+        finite = all(x == x and abs(x) < 1e6 for x in olds + norms) and all(n > 0 for n in norms)
+        moved = len(set(olds)) == len(olds)  # each step starts from other weights
+        redo = r["redo_step3"]
+        tol = 1e-6 if dtype == "float32" else 1e-2
+        same = all(
+            abs(redo[k] - r["steps"][2][k]) <= tol * max(1.0, abs(r["steps"][2][k]))
+            for k in ("old_logprob_mean", "train/grad_norm")
+        )
+        _check(
+            finite and moved and same and r["checkpoint_step"] == 2 and r["device"].startswith(device)
+            and r["backend"] == backend,
+            f"{name} on {r['device']} ({r['backend']}): mean log-prob before each step "
+            f"{[round(x, 6) for x in olds]}, grad norms {[round(x, 5) for x in norms]}; step 3 redone from "
+            f"the step-2 checkpoint: {redo['old_logprob_mean']:.6f}, {redo['train/grad_norm']:.5f} "
+            f"({time.perf_counter() - t0:.1f} s)",
+            failures,
+        )  # fmt: skip
+    fp32 = [r for (_, dtype), r in sorted(results.items()) if dtype == "float32"]
+    if len(fp32) >= 2:
+        ref = fp32[0]["steps"]
+        worst = max(
+            abs(a[k] - b[k]) / max(abs(b[k]), 1e-8)
+            for r in fp32[1:]
+            for a, b in zip(r["steps"], ref)
+            for k in ("old_logprob_mean", "train/grad_norm")
+        )
+        _check(
+            worst <= 1e-4,
+            f"LearnerRank ZeRO {', '.join(str(st) for (st, dt) in sorted(results) if dt == 'float32')} (fp32) "
+            f"agree: worst relative difference {worst:.2e}",
+            failures,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument(
+        "--rank-child",
+        nargs=5,
+        metavar=("STAGE", "DTYPE", "MODEL_DIR", "WORK", "DEVICE"),
+        help=argparse.SUPPRESS,
+    )
     args = ap.parse_args(argv)
+    if args.rank_child:
+        import json
+
+        stage, dtype, model_dir, work, device = args.rank_child
+        print(json.dumps(rank_child(model_dir, int(stage), dtype, work, device)), flush=True)
+        return 0
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         print(
             "gpu-smoke: FAIL  torch sees no CUDA GPU (torch.cuda.is_available() is False, "
@@ -146,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     sent: list[str] = []
     for step in range(1, args.steps + 1):
         before = digests(list(model.named_parameters()))
-        prompts = [torch.randint(3, 200, (6,), generator=g).tolist() for _ in range(4)]
-        comps = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 3, 7, 2)]
+        prompts = [torch.randint(3, VOCAB_SIZE, (6,), generator=g).tolist() for _ in range(4)]
+        comps = [torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist() for n in (5, 3, 7, 2)]
         t0 = time.perf_counter()
         logp, _ = completion_logprobs(engine, head, prompts, comps, 1.0, engine.device)
         mask = torch.zeros_like(logp)
@@ -187,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             failures,
         )
     dist.destroy_process_group()
+    check_learner_rank(model_dir, work, failures)
     if failures:
         print(f"gpu-smoke learner: {len(failures)} check(s) failed", file=sys.stderr)
         return 1
