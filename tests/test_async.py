@@ -79,6 +79,8 @@ def test_async_run_bounded_staleness(tmp_path, model_cache, tiny_model):
         "rollout.prompts_per_step=16",
         f"model.cache_dir={model_cache}",
         "run.progress=false",
+        "run.dashboard=false",  # start-up time; nothing here concerns them
+        "run.ray_metrics=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(run)

@@ -28,6 +28,8 @@ def test_sync_step_with_more_signal_than_the_queue_holds(tmp_path, model_cache, 
         "algorithm.filter_tied=false",  # every group goes to the queue: signal or not
         "checkpoint.final=false",
         "run.progress=false",
+        "run.dashboard=false",  # start-up time; nothing here concerns them
+        "run.ray_metrics=false",
         fault=None,
         model_cache=model_cache,
         timeout_s=240,  # before the fix `put` waited forever for a `take` that came after it
@@ -48,6 +50,8 @@ def test_watchdog_stops_a_run_whose_verifier_only_errs(tmp_path, model_cache, ti
         f"rewards.custom_function={__name__}:verifier_that_raises",
         "watchdog.error_steps=2",
         "run.progress=false",
+        "run.dashboard=false",  # start-up time; nothing here concerns them
+        "run.ray_metrics=false",
         fault=None,
         model_cache=model_cache,
     )

@@ -24,6 +24,8 @@ def test_scale_one_two_one_with_control_api(tmp_path, model_cache, tiny_model):
         "algorithm.filter_tied=false",
         "rollout.prompts_per_step=16",
         "run.progress=false",
+        "run.dashboard=false",  # start-up time; the control API is what this test drives
+        "run.ray_metrics=false",
         model_cache=model_cache,
     )
     control = wait_for(
