@@ -30,6 +30,10 @@ class ReplayQueue:
         self.take_version: int | None = None
         self.taken_at_version = 0
 
+    def node(self) -> str:
+        """The Ray node id this queue runs on (actors.json: the driver's node, see RunActors.start)."""
+        return ray.get_runtime_context().get_node_id()
+
     async def put(self, groups: list[ScoredGroup]) -> int:
         """Add groups; tied ones are dropped here when filtering. Returns how many were kept."""
         kept = 0

@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.replay_queue import ReplayQueue
 from cluster import runtime
@@ -63,7 +64,11 @@ class RunActors:
         # The engines load while the learner ranks do (LearnerGroup waits for its ranks to join).
         self.fleet.launch(cfg.rollout.num_engines, version)
         self.rewards = RewardPool(cfg.rewards)
-        self.queue = ReplayQueue.remote(
+        # On the driver's node: the queue's groups are the run's state, which lives and dies with the driver.
+        # Placed anywhere (it takes no CPU), it went to an engine's worker node, and that node's loss ended
+        # the run (the simulated cluster's node-loss test, once in CI's order of placement).
+        driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = ReplayQueue.options(scheduling_strategy=driver_node).remote(
             cfg.train.queue_capacity_groups, cfg.train.max_staleness_versions, cfg.algorithm.filter_tied
         )
         self.learner = LearnerGroup(cfg, model_path, self.learner_pg, plan.device, plan.learner_threads)
@@ -131,6 +136,7 @@ class RunActors:
             self.rewards.worker_pids(),
             driver_address=ray.util.get_node_ip_address(),
             learner_addresses=[where.get(r["node"]) for r in ranks],
+            queue_address=where.get(ray.get(self.queue.node.remote())),
             rendezvous=getattr(self.learner, "rendezvous", None),
         )
 

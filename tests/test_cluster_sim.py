@@ -66,6 +66,8 @@ def test_weights_cross_the_network_engine_and_learner_on_different_nodes(tmp_pat
         assert len({cluster.head.address, engine_node.address, learner_node.address}) == 3
         # The engines dial the rendezvous: it must be where learner rank 0 listens (issue 12, finding 2).
         assert actors["rendezvous"]["address"] == learner_node.address, actors
+        # The replay queue (the run's state) is on the driver's node, where no worker node's loss takes it.
+        assert actors["queue_address"] == cluster.head.address, actors
 
 
 def _steps(run_dir) -> int:
@@ -81,7 +83,10 @@ def _wait_steps(run_dir, n: int, timeout_s: float = 600) -> None:
 
 def _replacements(run_dir) -> list[dict]:
     metrics = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-    return [e for m in metrics for e in m["events"] if e.get("event") == "engine_replaced"]
+    found = [e for m in metrics for e in m["events"] if e.get("event") == "engine_replaced"]
+    # timeline.jsonl is written when the run ends: waiting longer for a replacement is pointless.
+    assert found or not (run_dir / "timeline.jsonl").exists(), f"the run ended after {len(metrics)} steps"
+    return found
 
 
 def _follow(cluster, job_id: str) -> subprocess.CompletedProcess:

@@ -109,7 +109,12 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
             120,
             "the token dialog",
         )
-        assert "Authentication Token Required" in browser.find_element(By.TAG_NAME, "body").text
+        # The dialog fades in: its field can be found before its title is visible text.
+        _wait(
+            lambda: "Authentication Token Required" in browser.find_element(By.TAG_NAME, "body").text,
+            30,
+            "the token dialog's title",
+        )
         browser.save_screenshot(str(artifacts / "dashboard-token-dialog.png"))
         field.send_keys(token, Keys.ENTER)
         _wait(lambda: browser.get_cookie("ray-authentication-token"), 60, "the dashboard's token cookie")
