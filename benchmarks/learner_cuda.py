@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import provenance  # noqa: E402  (the repository on sys.path first)
+
 GIB = 1 << 30
 SMOLLM2_135M = {  # config.json of HuggingFaceTB/SmolLM2-135M-Instruct, the fields that shape the compute
     "hidden_size": 576,
@@ -200,6 +202,7 @@ def main() -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("learner_cuda: torch sees no CUDA GPU; this benchmark runs on a GPU machine")
+    started, load_before = datetime.now(timezone.utc), [round(x, 2) for x in os.getloadavg()]
     model_dir = tempfile.mkdtemp(prefix="duet-learner-cuda-")
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).save_pretrained(model_dir)
@@ -216,17 +219,12 @@ def main() -> None:
                 summary[f"{v}_over_plain"] = round(results[v]["median_s"] / plain_s, 3)
                 if plain_peak > 0:  # 0 in a CPU dry run
                     summary[f"{v}_memory_over_plain"] = round(results[v]["peak_gib"] / plain_peak, 3)
-    record = {
-        "benchmark": "learner_cuda",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "gpu": f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-            if args.device == "cuda"
-            else None,
-        },
+    record = {"benchmark": "learner_cuda", **provenance("learner_cuda.py", None, started, load_before)}
+    if args.device == "cuda":
+        record["machine"]["gpu"] = (
+            f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+        )
+    record |= {
         "shape": {
             "model": "SmolLM2-135M architecture, random weights, fp32",
             "seqs": args.seqs,

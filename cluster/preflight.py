@@ -134,9 +134,18 @@ def check_plan(cfg: Config, connected: bool | None = None) -> tuple[Plan, list[s
     if problems and not cfg.cluster.autoscaling:
         where = "the Ray cluster" if connected else "this machine (a local Ray)"
         requested = "" if cfg.run.device == "auto" else f" (run.device={cfg.run.device})"
+        unheld = [
+            f"cluster.{field} asks for {key!r}, which no node offers (`ray start --resources`)\n"
+            for field in ("engine_resources", "learner_resources")
+            for key in getattr(cfg.cluster, field)
+            if not any(n.resources.get(key) for n in nodes)
+        ]
         raise PreflightError(
-            f"{where} cannot hold the placement plan{requested}:\n  " + "\n  ".join(problems) + "\n"
-            "Fewer engines/ranks (rollout.num_engines, learner.num_ranks), a smaller "
+            f"{where} cannot hold the placement plan{requested}:\n  "
+            + "\n  ".join(problems)
+            + "\n"
+            + "".join(unheld)
+            + "Fewer engines/ranks (rollout.num_engines, learner.num_ranks), a smaller "
             "rollout.gpus_per_engine, another run.device, or more nodes; set cluster.autoscaling=true "
             "when the cluster adds nodes on demand."
         )

@@ -67,7 +67,7 @@ def test_weights_cross_the_network_engine_and_learner_on_different_nodes(tmp_pat
         # The engines dial the rendezvous: it must be where learner rank 0 listens (issue 12, finding 2).
         assert actors["rendezvous"]["address"] == learner_node.address, actors
         # The replay queue (the run's state) is on the driver's node, where no worker node's loss takes it.
-        assert actors["queue_address"] == cluster.head.address, actors
+        assert actors.get("queue_address") == cluster.head.address, actors
 
 
 def _steps(run_dir) -> int:
