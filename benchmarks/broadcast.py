@@ -147,11 +147,12 @@ class Trainer:
 
 def measure_size(name: str, path: Path, reps: int, warmup: int) -> dict:
     from actors.rollout_engine import RolloutEngine
+    from cluster.placement import cpu_engine_env
 
     t_start = time.perf_counter()
     engine = RolloutEngine.options(
         num_cpus=0,
-        runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": ENGINE_CORE, "VLLM_CPU_KVCACHE_SPACE": "1"}},
+        runtime_env={"env_vars": cpu_engine_env(ENGINE_CORE)},
     ).remote(0, str(path))
     trainer = Trainer.remote(str(path))
     try:

@@ -187,6 +187,13 @@ class RolloutConfig(SamplingConfig):
         "else passed as VLLM_CPU_OMP_THREADS_BIND (e.g. '0-1', 'nobind').",
     )
     enforce_eager: bool = Field(True, description="Skip CUDA graphs / compilation (fast start).")
+    cpu_executor: Literal["uni", "mp"] = Field(
+        "uni",
+        description="vLLM executor of a single-worker engine on CPU: 'uni' runs vLLM's worker inside its "
+        "engine-core process, as vLLM does for such an engine on a GPU; 'mp' starts it as a process of its "
+        "own (`VLLM::Worker`, vLLM's CPU default), one more vLLM start per engine (about 12 s on 2 cores). "
+        "Tensor-parallel engines always run 'mp'.",
+    )
 
     @model_validator(mode="after")
     def _group(self) -> RolloutConfig:
@@ -521,6 +528,14 @@ class ClusterConfig(_Section):
         default_factory=dict,
         description="Extra Ray resources each learner rank's bundle asks for (as engine_resources).",
     )
+    colocate: bool = Field(
+        False,
+        description="One GPU for the whole run (a one-GPU machine): the engine and the learner rank share "
+        "it, half of it each in Ray's accounting. Needs rollout.num_engines=1, rollout.gpus_per_engine=1, "
+        "learner.num_ranks=1 and rollout.gpu_memory_utilization <= 0.6 (vLLM's share of the GPU's memory; "
+        "the learner uses the rest). The weights go by the gloo path, through host memory: NCCL cannot "
+        "join two ranks on one GPU. Ignored on CPU.",
+    )
 
     @model_validator(mode="after")
     def _resources(self) -> ClusterConfig:
@@ -564,7 +579,31 @@ class Config(_Section):
                 f"rollout.max_engines ({self.rollout.max_engines}) is below rollout.num_engines "
                 f"({self.rollout.num_engines}): raise it or leave it unset"
             )
+        if self.cluster.colocate:
+            self._check_colocate()
         return self
+
+    def _check_colocate(self) -> None:
+        r, lr = self.rollout, self.learner
+        one_each = {
+            "rollout.num_engines": r.num_engines,
+            "rollout.max_engines": r.max_engines or 1,
+            "rollout.gpus_per_engine": r.gpus_per_engine,
+            "learner.num_ranks": lr.num_ranks,
+            "learner.gpus_per_rank": lr.gpus_per_rank,
+        }
+        for name, value in one_each.items():
+            if value != 1:
+                raise ValueError(
+                    f"{name}={value} with cluster.colocate=true: one engine and one learner rank share "
+                    f"one GPU; set {name}=1, or cluster.colocate=false to give each its own GPUs"
+                )
+        if r.gpu_memory_utilization > 0.6:
+            raise ValueError(
+                f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} with cluster.colocate=true "
+                f"leaves the learner {1 - r.gpu_memory_utilization:.0%} of the shared GPU: set it to at "
+                "most 0.6 (0.3 is plenty for a model of a few hundred million parameters)"
+            )
 
 
 # ---- presets: one word names a whole algorithm setting (README, Presets) ----

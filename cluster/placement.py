@@ -16,6 +16,9 @@ VLLM_CPU_OMP_THREADS_BIND), which is how the tests exercise tensor-parallel engi
 `run.device=auto` is resolved from the cluster's resources (any GPU on any alive node), not from the
 driver's own torch: on a cluster the driver runs on a head that usually has no GPU.
 
+On CPU a single-worker engine runs its vLLM worker inside vLLM's engine-core process (`rollout.cpu_executor`,
+`cpu_engine_env`), as vLLM does on a GPU; vLLM's own CPU default starts the worker as a process of its own.
+
 On CPU, vLLM's OpenMP threads are bound per engine (`rollout.cpu_threads_bind`) and the learner can
 be pinned (`learner.cpu_affinity`); vLLM's engine-core and front-end processes are not bound
 (benchmarks/pipeline.py measures the effect).
@@ -42,6 +45,7 @@ class Plan:
     engine_env: list[dict[str, str]]  # per engine: vLLM CPU settings
     learner_threads: int | None
     tensor_parallel_size: int = 1  # vLLM workers per engine
+    colocated: bool = False  # the engine and the learner rank share one GPU (cluster.colocate)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -50,9 +54,14 @@ class Plan:
         None lets a single-worker engine run in-process, as vLLM picks."""
         return "mp" if self.tensor_parallel_size > 1 else None
 
-    def engine_gpus(self) -> int:
-        """GPUs the engine actor itself holds: all of its bundle's, so vLLM's workers see exactly those."""
-        return int(self.engine_bundles[0].get("GPU", 0)) if self.engine_bundles else 0
+    def engine_gpus(self) -> float:
+        """GPUs the engine actor itself holds: all of its bundle's, so vLLM's workers see exactly those
+        (half of one when colocated with the learner)."""
+        return self.engine_bundles[0].get("GPU", 0) if self.engine_bundles else 0
+
+    def learner_gpus(self) -> float:
+        """GPUs each learner rank holds: its bundle's."""
+        return self.learner_bundles[0].get("GPU", 0) if self.learner_bundles else 0
 
     def describe(self) -> str:
         lines = [f"device: {self.device} (weight transfer: {self.weight_transfer})"]
@@ -107,10 +116,43 @@ def cpu_binds(num_engines: int, cores: int, setting: str, workers_per_engine: in
     ]
 
 
+# What each of the engine and the learner rank holds of the GPU they share (cluster.colocate).
+COLOCATED_SHARE = 0.5
+
+
+def cpu_engine_env(threads_bind: str, kvcache_gib: int = 1, executor: str = "uni") -> dict[str, str]:
+    """The environment of one engine actor on CPU: its OpenMP cores, its KV cache, and its executor.
+
+    `uni` runs vLLM's worker inside the engine-core process. vLLM's CPU platform turns `uni` into `mp`
+    unless VLLM_ENABLE_V1_MULTIPROCESSING is 0 (vllm/platforms/cpu.py); AsyncLLM keeps its engine core in
+    a process of its own whatever that variable says, so setting it has this one effect here. Measured
+    (benchmarks/engine_executor.py): a launch about 11 s shorter on 2 cores, and generation faster (no
+    message queue between the engine core and its worker).
+    """
+    env = {"VLLM_CPU_OMP_THREADS_BIND": threads_bind, "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib)}
+    if executor == "uni":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
 def make_plan(cfg: Config, cluster_gpus: float | None = None) -> Plan:
     device = resolve_device(cfg.run.device, cluster_gpus)
     n, k, tp = cfg.rollout.num_engines, cfg.learner.num_ranks, cfg.rollout.gpus_per_engine
     extra_engine, extra_learner = cfg.cluster.engine_resources, cfg.cluster.learner_resources
+    if device == "cuda" and cfg.cluster.colocate:
+        # Half a GPU each: on a one-GPU node Ray gives both actors that GPU (the same
+        # CUDA_VISIBLE_DEVICES); vLLM's memory share is rollout.gpu_memory_utilization, the learner has
+        # the rest. NCCL refuses two ranks on one device, so the weights take the gloo path.
+        return Plan(
+            device="cuda",
+            weight_transfer="gloo",
+            engine_bundles=[{"GPU": COLOCATED_SHARE, "CPU": 1, **extra_engine}],
+            learner_bundles=[{"GPU": COLOCATED_SHARE, "CPU": 1, **extra_learner}],
+            engine_env=[{}],
+            learner_threads=None,
+            colocated=True,
+            notes=["colocated: engine and learner rank share one GPU, weights through host memory (gloo)"],
+        )
     if device == "cuda":
         return Plan(
             device="cuda",
@@ -123,10 +165,8 @@ def make_plan(cfg: Config, cluster_gpus: float | None = None) -> Plan:
         )
     cores = cfg.run.cpu_cores or os.cpu_count() or 1
     binds = cpu_binds(n, cores, cfg.rollout.cpu_threads_bind, tp)
-    env = [
-        {"VLLM_CPU_OMP_THREADS_BIND": b, "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kvcache_gib)}
-        for b in binds
-    ]
+    executor = cfg.rollout.cpu_executor if tp == 1 else "mp"
+    env = [cpu_engine_env(b, cfg.rollout.cpu_kvcache_gib, executor) for b in binds]
     notes = []
     if cfg.train.max_staleness_versions == 0:
         notes.append("synchronous loop: engines and learner take turns on the same cores")

@@ -71,7 +71,18 @@ class RunActors:
         self.queue = ReplayQueue.options(scheduling_strategy=driver_node).remote(
             cfg.train.queue_capacity_groups, cfg.train.max_staleness_versions, cfg.algorithm.filter_tied
         )
-        self.learner = LearnerGroup(cfg, model_path, self.learner_pg, plan.device, plan.learner_threads)
+        if plan.colocated:
+            # vLLM sizes its KV cache from the GPU memory it sees while it profiles: the learner, on the
+            # same GPU, allocates (and frees) only after that.
+            self.fleet.wait_ready()
+        self.learner = LearnerGroup(
+            cfg,
+            model_path,
+            self.learner_pg,
+            plan.device,
+            plan.learner_threads,
+            gpus_per_rank=plan.learner_gpus(),
+        )
         self.fleet.wait_ready()
         self.connect_fleet()
 

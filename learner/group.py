@@ -62,10 +62,14 @@ class LearnerGroup:
         device: str,
         threads: int | None = None,
         bundle_offset: int = 0,
+        gpus_per_rank: float | None = None,
     ) -> None:
+        """`gpus_per_rank`: what each rank holds of its bundle's GPUs (the plan's: half of one when the
+        learner shares its GPU with the engine); default learner.gpus_per_rank on CUDA, none on CPU."""
         self.cfg = cfg
         k = cfg.learner.num_ranks
-        gpus = cfg.learner.gpus_per_rank if device == "cuda" else 0
+        gpus = gpus_per_rank if gpus_per_rank is not None else cfg.learner.gpus_per_rank
+        gpus = gpus if device == "cuda" else 0
         self.workers = [
             LearnerWorker.options(
                 num_cpus=1,

@@ -11,9 +11,10 @@
 #      3 steps of duet-rl's policy loss on completion-only log-probs (finite loss and gradient norm,
 #      every tensor updated); with >= 2 GPUs the weights go over NCCL to a second process on cuda:1
 #      after every step and every tensor's sha256 must match at both ends
-#   2. end to end (not with --learner-only; needs vLLM, Ray and >= 2 GPUs): `duet train run.device=cuda`,
-#      a vLLM engine on one GPU, the learner on another, 3 steps, vLLM's NCCL weight transfer,
-#      `sync/checksum_match` true on every step
+#   2. end to end (not with --learner-only; needs vLLM and Ray): `duet train run.device=cuda`, 3 steps,
+#      `sync/checksum_match` true on every step. With >= 2 GPUs a vLLM engine on one GPU, the learner on
+#      another, vLLM's NCCL weight transfer; with one GPU both share it (cluster.colocate=true: half of it
+#      each in Ray's accounting, vLLM takes 30% of its memory, the weights go through host memory by gloo)
 # Environment: PYTHON (default: .venv/bin/python if present, else python), GPU_SMOKE_DIR (work folder,
 # default a new temp folder), GPU_SMOKE_TIMEOUT_S (the end-to-end run's limit, default 600).
 set -euo pipefail
@@ -23,7 +24,7 @@ learner_only=0
 for arg in "$@"; do
   case "$arg" in
     --learner-only) learner_only=1 ;;
-    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-smoke: unknown argument '$arg' (use --learner-only or --help)" >&2; exit 2 ;;
   esac
 done
@@ -59,18 +60,20 @@ fi
 # 2. End to end: vLLM on CUDA, DeepSpeed on CUDA, vLLM's NCCL weight transfer between them.
 "$py" -c 'import ray, vllm' 2>/dev/null \
   || fail "the end-to-end check needs vLLM and Ray in '$py' (install duet-rl's GPU extra); --learner-only runs without them"
+shape=()
+layout="engine on one GPU, learner on another, NCCL"
 if [[ "$n_gpus" -lt 2 ]]; then
-  code=3
-  fail "the end-to-end check needs 2 GPUs (one engine GPU, one learner GPU; duet-rl gives each a whole GPU, so they cannot share one); the learner checks above passed"
+  shape=(cluster.colocate=true rollout.gpu_memory_utilization=0.3)
+  layout="engine and learner sharing the one GPU (cluster.colocate), gloo through host memory"
 fi
 work="${GPU_SMOKE_DIR:-$(mktemp -d -t duet-gpu-smoke-XXXXXX)}"
-echo "gpu-smoke: end-to-end run in $work/run"
+echo "gpu-smoke: end-to-end run in $work/run: $layout"
 timeout "${GPU_SMOKE_TIMEOUT_S:-600}" "$py" -m cluster.cli train --run-dir "$work/run" \
   run.device=cuda train.steps=3 train.check_weights_every_steps=1 rollout.num_engines=1 \
   learner.num_ranks=1 rollout.prompts_per_step=8 checkpoint.final=false run.progress=false \
-  run.dashboard=false control.enabled=false model.cache_dir="$work/model" \
-  || fail "duet train run.device=cuda (its output is above; the run folder is $work/run)"
-"$py" - "$work/run" <<'EOF' || fail "the end-to-end run's metrics (above)"
+  run.dashboard=false control.enabled=false model.cache_dir="$work/model" "${shape[@]}" \
+  || fail "duet train run.device=cuda, $layout (its output is above; the run folder is $work/run)"
+"$py" - "$work/run" "$layout" <<'EOF' || fail "the end-to-end run's metrics (above)"
 import json, sys
 from pathlib import Path
 
@@ -79,7 +82,7 @@ rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitli
 steps = [r["step"] for r in rows]
 sync = [r.get("sync/checksum_match") for r in rows]
 ok = steps == [1, 2, 3] and all(s is True for s in sync)
-print(f"{'PASS' if ok else 'FAIL'}  duet train on CUDA: steps {steps}, sync/checksum_match {sync}, "
+print(f"{'PASS' if ok else 'FAIL'}  duet train on CUDA ({sys.argv[2]}): steps {steps}, sync/checksum_match {sync}, "
       f"reward {[round(r.get('reward/mean', float('nan')), 3) for r in rows]}")
 sys.exit(0 if ok else 1)
 EOF

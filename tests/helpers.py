@@ -319,9 +319,10 @@ def custom_environment(prompt: str, completion: str, reference: str) -> tuple[fl
 # ---- helpers: a real engine, and the learner's gloo sender in the test process on a HF model ----
 def start_engine(ray, tiny_model, core: str = "0"):
     from actors.rollout_engine import RolloutEngine
+    from cluster.placement import cpu_engine_env
 
     engine = RolloutEngine.options(
-        runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "1"}},
+        runtime_env={"env_vars": cpu_engine_env(core)},
         max_concurrency=8,
     ).remote(0, str(tiny_model))
     ray.get(engine.ready.remote())

@@ -90,6 +90,9 @@ def test_dead_engines_vllm_processes_and_reward_worker_are_replaced(tmp_path, mo
         run,
         f"train.steps={steps}",
         "rollout.num_engines=2",
+        # vLLM's worker as a process of its own (what a tensor-parallel engine's workers are), so that it
+        # can die while its engine core lives; with the default `uni` executor it runs inside the core.
+        "rollout.cpu_executor=mp",
         "train.check_weights_every_steps=1",
         f"data.synthetic_problems={steps * per_step}",
         "algorithm.filter_tied=false",

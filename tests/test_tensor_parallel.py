@@ -25,6 +25,17 @@ def test_tensor_parallel_plan_names_the_mp_executor_and_the_actor_holds_the_gpus
     cpu = make_plan(load_config(overrides=["rollout.gpus_per_engine=2", "run.device=cpu", "run.cpu_cores=4"]))
     assert cpu.engine_bundles == [{"CPU": 2}]
     assert cpu.engine_env[0]["VLLM_CPU_OMP_THREADS_BIND"] == "0-1|2-3"  # one core range per worker
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in cpu.engine_env[0]  # T worker processes: `mp`
+
+
+def test_a_single_worker_cpu_engine_runs_its_worker_in_the_engine_core_unless_told():
+    # vLLM's CPU platform turns `uni` into `mp` unless VLLM_ENABLE_V1_MULTIPROCESSING=0 (cpu.py)
+    uni = make_plan(load_config(overrides=["run.device=cpu", "rollout.num_engines=2"]))
+    assert [e["VLLM_ENABLE_V1_MULTIPROCESSING"] for e in uni.engine_env] == ["0", "0"]
+    mp = make_plan(load_config(overrides=["run.device=cpu", "rollout.cpu_executor=mp"]))
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in mp.engine_env[0]
+    with pytest.raises(ValueError, match=r"rollout\.cpu_executor"):
+        load_config(overrides=["rollout.cpu_executor=ray"])
 
 
 @pytest.mark.integration

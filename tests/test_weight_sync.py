@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import assert_samples_from, open_sender, start_engine
+from tests.helpers import assert_samples_from, descendants, open_sender, start_engine
 
 pytestmark = pytest.mark.integration
 
@@ -19,6 +19,7 @@ def test_broadcast_two_engines_two_ranks(local_ray, tiny_model):
 
     from actors.rollout_engine import RolloutEngine
     from cluster.config import load_config
+    from cluster.placement import cpu_engine_env
     from learner.group import LearnerGroup
 
     path = str(tiny_model)
@@ -26,9 +27,7 @@ def test_broadcast_two_engines_two_ranks(local_ray, tiny_model):
         overrides=["learner.num_ranks=2", "rollout.num_engines=2", "learner.broadcast_bucket_mib=0.05"]
     )
     engines = [
-        RolloutEngine.options(
-            runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": str(i), "VLLM_CPU_KVCACHE_SPACE": "1"}}
-        ).remote(i, path)
+        RolloutEngine.options(runtime_env={"env_vars": cpu_engine_env(str(i))}).remote(i, path)
         for i in range(2)
     ]
     pg = placement_group([{"CPU": 1}] * 2)
@@ -93,6 +92,9 @@ def test_rebroadcast_into_an_update_that_broke_off(local_ray, tiny_model):
 
     ray = local_ray
     engine = start_engine(ray, tiny_model)
+    # vLLM's worker runs inside its engine-core process (rollout.cpu_executor=uni): the weights land there
+    titles = sorted(descendants(ray.get(engine.ready.remote())["pid"]).values())
+    assert [t for t in titles if t.startswith("VLLM::")] == ["VLLM::EngineCore"], titles
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
     client = EngineFleetClient([engine])
     sender = open_sender(model, client, bucket_bytes=1 << 16)
