@@ -145,22 +145,38 @@ class RolloutFleet:
         self.events.append(change)
         return change
 
-    def replace(self, k: int, reason: str, version: int, answers: bool = False) -> None:
-        """Start a new engine in slot k (its old placement group released). `answers`: the old actor
-        still answers calls (only vLLM under it died)."""
-        old_id = self.ids[k]
-        if answers:  # its vLLM died under it: the actor shuts down what is left of vLLM's processes
-            with contextlib.suppress(Exception):
-                ray.get(self.engines[k].shutdown.remote(), timeout=10)
-        with contextlib.suppress(Exception):  # already dead
-            ray.kill(self.engines[k])
-        remove_placement_group(self.groups[k])
-        i, e, pg = self._start_one(version)
-        ray.get(e.ready.remote())
-        self.ids[k], self.engines[k], self.groups[k] = i, e, pg
-        self.events.append(
-            {"time": time.time(), "event": "engine_replaced", "old": old_id, "new": i, "reason": reason}
-        )
+    def replace(self, dead: dict[int, tuple[str, bool]], version: int) -> None:
+        """Start a new engine in each slot of `dead` (slot -> (reason, answers)); the old ones' placement
+        groups are released first. `answers`: the old actor still answers calls (only vLLM under it died).
+        The new engines load side by side: several engines lost at once (a node) cost one start, not one
+        each."""
+        started = []
+        for k, (reason, answers) in dead.items():
+            if answers:  # its vLLM died under it: the actor shuts down what is left of vLLM's processes
+                with contextlib.suppress(Exception):
+                    ray.get(self.engines[k].shutdown.remote(), timeout=10)
+            with contextlib.suppress(Exception):  # already dead
+                ray.kill(self.engines[k])
+            remove_placement_group(self.groups[k])
+            started.append((k, reason, *self._start_one(version)))
+        try:
+            ray.get([e.ready.remote() for *_, e, _ in started])
+        except Exception:
+            for (
+                *_,
+                e,
+                pg,
+            ) in started:  # none half-kept: the slots still hold the dead ones, healed again later
+                with contextlib.suppress(Exception):
+                    ray.kill(e)
+                remove_placement_group(pg)
+            raise
+        for k, reason, i, e, pg in started:
+            old_id = self.ids[k]
+            self.ids[k], self.engines[k], self.groups[k] = i, e, pg
+            self.events.append(
+                {"time": time.time(), "event": "engine_replaced", "old": old_id, "new": i, "reason": reason}
+            )
 
     def ready_info(self) -> list[dict | None]:
         """Each engine's `ready()` answer; None for one that is dead (the next step replaces it)."""

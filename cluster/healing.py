@@ -55,8 +55,9 @@ class FleetHealer:
         if not dead:
             return None
         with self.held():
-            for k, what in dead.items():
-                fleet.replace(k, f"{reason}: {what}", version, answers=what == "vLLM died")
+            fleet.replace(
+                {k: (f"{reason}: {what}", what == "vLLM died") for k, what in dead.items()}, version
+            )
             return self.actors.reconnect_fleet(version)
 
     def retry(self, fn: Callable[[], Any], reason: str, version: int, attempts: int = 3) -> Any:

@@ -11,3 +11,11 @@ from learner.rank import LearnerRank
 class LearnerWorker(LearnerRank):
     """A `LearnerRank` as a Ray actor, placed by `LearnerGroup` on its placement-group bundle. Ray sets
     CUDA_VISIBLE_DEVICES to the bundle's GPU, which is why the rank always uses cuda:0."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # vLLM's weight-transfer API (init_broadcast) imports a good part of vLLM, several seconds on a
+        # small machine: here, while the engines load, rather than after them on the start-up's critical path.
+        import vllm.distributed.weight_transfer.factory  # noqa: F401
+
+        import learner.weight_sender  # noqa: F401
