@@ -55,9 +55,16 @@ class FleetHealer:
         if not dead:
             return None
         with self.held():
-            fleet.replace(
-                {k: (f"{reason}: {what}", what == "vLLM died") for k, what in dead.items()}, version
-            )
+            for _ in range(3):
+                fleet.replace(
+                    {k: (f"{reason}: {what}", what == "vLLM died") for k, what in dead.items()}, version
+                )
+                # Asked again before the new transfer group opens: an engine can die, or be seen dead (vLLM
+                # marks itself dead a moment after its worker), while others are replaced. Let into the
+                # group, a dead one leaves everyone waiting out the transfer timeout.
+                dead = fleet.dead_slots(timeout_s)
+                if not dead:
+                    break
             return self.actors.reconnect_fleet(version)
 
     def retry(self, fn: Callable[[], Any], reason: str, version: int, attempts: int = 3) -> Any:

@@ -83,8 +83,8 @@ def test_dead_learner_stops_with_checkpoint_then_resume_matches_straight_run(
 
 def test_dead_engines_vllm_processes_and_reward_worker_are_replaced(tmp_path, model_cache, tiny_model):
     """One run, three engine deaths and a reward worker's: engine 1's `VLLM::Worker` (what a CUDA error or
-    an OOM kill does), engine 0's Ray actor and a reward worker SIGKILLed together (the two engines are
-    replaced side by side); then the new engine 0's `VLLM::EngineCore` (with vLLM's processes dead, the
+    an OOM kill does), engine 0's Ray actor and a reward worker SIGKILLed together (both engines are
+    replaced before the new transfer group opens, side by side when found dead together); then the new engine 0's `VLLM::EngineCore` (with vLLM's processes dead, the
     actor lives on and every call on it fails with EngineDeadError). Each dead engine is replaced and gets
     the learner's weights before it generates; the run finishes every step, no prompt lost or trained
     twice, the in-run evaluation included."""
