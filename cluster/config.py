@@ -534,7 +534,7 @@ class ClusterConfig(_Section):
         "it, half of it each in Ray's accounting. Needs rollout.num_engines=1, rollout.gpus_per_engine=1, "
         "learner.num_ranks=1 and rollout.gpu_memory_utilization <= 0.6 (vLLM's share of the GPU's memory; "
         "the learner uses the rest). The weights go by the gloo path, through host memory: NCCL cannot "
-        "join two ranks on one GPU. Ignored on CPU.",
+        "join two ranks on one GPU. A run that resolves to CPU places as usual (the limits above still apply).",
     )
 
     @model_validator(mode="after")

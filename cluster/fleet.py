@@ -162,11 +162,8 @@ class RolloutFleet:
         try:
             ray.get([e.ready.remote() for *_, e, _ in started])
         except Exception:
-            for (
-                *_,
-                e,
-                pg,
-            ) in started:  # none half-kept: the slots still hold the dead ones, healed again later
+            # None half-kept: the slots still hold the dead ones, for the next heal.
+            for _, _, _, e, pg in started:
                 with contextlib.suppress(Exception):
                     ray.kill(e)
                 remove_placement_group(pg)

@@ -62,18 +62,16 @@ class LearnerGroup:
         device: str,
         threads: int | None = None,
         bundle_offset: int = 0,
-        gpus_per_rank: float | None = None,
+        gpus_per_rank: float = 0.0,
     ) -> None:
-        """`gpus_per_rank`: what each rank holds of its bundle's GPUs (the plan's: half of one when the
-        learner shares its GPU with the engine); default learner.gpus_per_rank on CUDA, none on CPU."""
+        """`gpus_per_rank`: what each rank holds of its bundle's GPUs, the plan's `learner_gpus()` (half of
+        one when the learner shares its GPU with the engine; none on CPU)."""
         self.cfg = cfg
         k = cfg.learner.num_ranks
-        gpus = gpus_per_rank if gpus_per_rank is not None else cfg.learner.gpus_per_rank
-        gpus = gpus if device == "cuda" else 0
         self.workers = [
             LearnerWorker.options(
                 num_cpus=1,
-                num_gpus=gpus,
+                num_gpus=gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group, placement_group_bundle_index=bundle_offset + rank
                 ),
