@@ -194,6 +194,12 @@ class RolloutConfig(SamplingConfig):
         "own (`VLLM::Worker`, vLLM's CPU default), one more vLLM start per engine (about 12 s on 2 cores). "
         "Tensor-parallel engines always run 'mp'.",
     )
+    stall_check_s: float = Field(
+        20.0,
+        gt=0.0,
+        description="Async mode: seconds without a new group after which every engine is asked, with a 10-s "
+        "deadline, whether it still answers; one that does not (hung, stopped, cut off) is replaced.",
+    )
 
     @model_validator(mode="after")
     def _group(self) -> RolloutConfig:

@@ -2,7 +2,8 @@
 server (FastAPI, served from a thread of the driver) and its command-line clients, `duet status` and
 `duet scale`.
 
-    GET  /status       anyone who can reach the port: step, versions, engines, queue, last metrics
+    GET  /status       anyone who can reach the port: step, versions, engines, queue, last metrics, and
+                       "state": "paused" once a pause has taken effect
     POST /scale        {"engines": N}                       Authorization: Bearer <token>
     POST /pause        (no body, or {})                     Authorization: Bearer <token>
     POST /resume       (no body, or {})                     Authorization: Bearer <token>
@@ -66,11 +67,15 @@ class RunControl:
         self._requests: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._status: dict = {"state": "starting"}
-        self.paused = False
+        self.paused = False  # asked for: the loop stops at its next point between steps
+        self._held = False  # the loop has stopped there (status "state": "paused")
 
     def status(self) -> dict:
         with self._lock:
-            return dict(self._status, paused=self.paused)
+            status = dict(self._status, paused=self.paused)
+            if self._held:
+                status["state"] = "paused"
+            return status
 
     def scale(self, engines: int) -> dict:
         if engines < 1:
@@ -114,20 +119,27 @@ class RunControl:
 
     def apply(self, scale: Callable[[int], Any], checkpoint: Callable[[], Path]) -> list[dict]:
         """Apply the queued requests: `scale(engines)` resizes the fleet, `checkpoint()` saves one and
-        returns its path. While paused, wait here (between steps: nothing in flight). Returns the events
-        to record in metrics.jsonl."""
+        returns its path. While paused, wait here (between steps: nothing in flight), and /status says
+        "state": "paused" (the pause has taken effect). Returns the events to record in metrics.jsonl."""
         applied = []
-        while True:
-            try:
-                kind, request_id, kw = self._requests.get(timeout=0.2 if self.paused else 0)
-            except queue.Empty:
-                if self.paused:
-                    continue
-                return applied
-            if kind == "scale":
-                scale(kw["engines"])  # recorded in the fleet's events
-            elif kind == "checkpoint":
-                applied.append({"request_id": request_id, "event": "checkpoint", "path": str(checkpoint())})
+        try:
+            while True:
+                try:
+                    kind, request_id, kw = self._requests.get(timeout=0.2 if self.paused else 0)
+                except queue.Empty:
+                    if self.paused:
+                        with self._lock:
+                            self._held = True
+                        continue
+                    return applied
+                if kind == "scale":
+                    scale(kw["engines"])  # recorded in the fleet's events
+                elif kind == "checkpoint":
+                    path = str(checkpoint())
+                    applied.append({"request_id": request_id, "event": "checkpoint", "path": path})
+        finally:
+            with self._lock:
+                self._held = False
 
     def _queue(self, kind: str, **kw: Any) -> dict:
         request_id = f"{kind}-{time.monotonic_ns()}"

@@ -37,9 +37,7 @@ from cluster.scoring import Scoring, group_metrics, staleness_metrics
 from cluster.watchdog import Watchdog
 
 StepCallback = Callable[["Trainer", dict], None]
-# Asynchronous mode: with no group queued for this long, the loop asks whether the engines still live,
-# and every this often while it waits it says on stderr what it waits for.
-STALL_CHECK_S = 20.0
+# Asynchronous mode: every this often while the loop waits for groups it says on stderr what it waits for.
 WAIT_NOTE_S = 60.0
 
 
@@ -213,18 +211,19 @@ class Trainer:
         (batch, every group scored since the last step, timings and staleness).
 
         The wait has deadlines: an engine whose generate call failed is replaced at once (the healer); with
-        no group for STALL_CHECK_S the engines' liveness is checked (a silent death, one engine or many);
+        no group for `rollout.stall_check_s` the engines' liveness is checked (a silent death, one engine or many);
         control requests are applied meanwhile; every WAIT_NOTE_S a line on stderr says what it waits for.
         """
         want, t0 = self.cfg.rollout.prompts_per_step, time.perf_counter()
+        stall_s = self.cfg.rollout.stall_check_s
         batch: list[ScoredGroup] = []
         last_group = last_note = time.monotonic()
         while len(batch) < want:
             if self.producer.error is not None:
                 raise self.producer.error
             lost = self.healer.heal_lost_engines(self.version)
-            if not lost and time.monotonic() - last_group > STALL_CHECK_S:
-                self.healer.heal(f"no group for {STALL_CHECK_S:.0f} s", self.version, timeout_s=10.0)
+            if not lost and time.monotonic() - last_group > stall_s:
+                self.healer.heal(f"no group for {stall_s:g} s", self.version, timeout_s=10.0)
                 last_group = time.monotonic()
             self.applied_midstep += self.control.apply(self.resize_fleet, self.checkpoint_last_step)
             got = ray.get(self.queue.take.remote(want - len(batch), self.version, 1.0))

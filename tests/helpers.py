@@ -155,17 +155,6 @@ def start_train(run_dir: Path, *args: str, model_cache: Path) -> subprocess.Pope
     )
 
 
-# A short `duet train` for fault tests: 16 prompts a step, no progress lines, weights checked every step;
-# no Ray dashboard nor Ray metrics export (start-up is most of a short run's time; no fault concerns them).
-SMALL_RUN = [
-    "rollout.prompts_per_step=16",
-    "run.progress=false",
-    "train.check_weights_every_steps=1",
-    "run.dashboard=false",
-    "run.ray_metrics=false",
-]
-
-
 def failure_summary(stderr: str, tail_chars: int = 3000) -> str:
     """A run's stderr cut for an assertion message: every traceback frame in the project's own files (a
     Ray error's remote traceback fills the tail, and the frame that called it is far above), then the tail."""
@@ -241,6 +230,27 @@ def steps_done(run_dir: Path) -> int:
         return len(read_metrics(run_dir))
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
+
+
+def control_auth(run_dir: Path) -> tuple[str, dict[str, str]]:
+    """The running launch's control API (RUN_DIR/control.json): its URL and the header with its token."""
+    control = json.loads((run_dir / "control.json").read_text())
+    return control["url"], {"Authorization": f"Bearer {control['token']}"}
+
+
+def pause_run(run_dir: Path, p: subprocess.Popen) -> tuple[str, dict[str, str]]:
+    """Pause the running launch and wait until its loop has stopped between steps (/status says
+    "state": "paused"), nothing of the loop's in flight. Returns (url, auth header) for what follows."""
+    import httpx
+
+    url, auth = control_auth(run_dir)
+    assert httpx.post(f"{url}/pause", headers=auth).status_code == 200
+    wait_for(
+        running(p, lambda: httpx.get(f"{url}/status").json()["state"] == "paused"),
+        timeout_s=120,
+        what="the loop paused",
+    )
+    return url, auth
 
 
 # ---------------------------------------------------------------- custom verifiers (run in a sandbox child)

@@ -1,8 +1,9 @@
 """Crash consistency on the real stack: the driver SIGKILLs its own process group (its local Ray, engines
-and learner with it) at deterministic fault points (cluster/faults.py), and `duet train --resume` picks
-up. Three kills chained in one run, then the run finishes; after every kill and at the end: no
-half-written checkpoint is loaded, metrics.jsonl holds one valid row per step, no step is trained twice
-and the prompts follow an uninterrupted run's order. benchmarks/crash_sweep.py runs every fault point.
+and learner with it) at deterministic fault points (cluster/faults.py), the learner rank is SIGKILLed
+under a live driver, and `duet train --resume` picks up each time. Four kills chained in one run, then the
+run finishes; after every kill and at the end: no half-written checkpoint is loaded, metrics.jsonl holds
+one valid row per step, no step is trained twice, and the run equals one never interrupted, run alongside
+(data order, rewards, losses, final weights). benchmarks/crash_sweep.py runs every fault point.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import signal
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
+from safetensors.torch import load_file
 
 from cluster.config import load_config
 from cluster.data import PromptStream, load_prompts
-from tests.helpers import REPO, duet_cmd, kill_group
+from cluster.metrics import read_metrics
+from tests.helpers import REPO, duet_cmd, kill_group, pause_run, running, start_train, steps_done, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,14 +51,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in found if (p / "driver_state.json").is_file()), key=checkpoint_step)
 
 
-def launch(run_dir: Path, *args: str, fault: str | None, model_cache: Path, timeout_s: float = 300.0):
-    """`duet train` in its own session (the fault kills its process group, not the test). Returns
-    (exit code, stderr)."""
+def start(*args: str, fault: str | None, model_cache: Path) -> subprocess.Popen:
+    """`duet train` in its own session (the fault kills its process group, not the test)."""
     env = dict(os.environ)
     env.pop("DUET_FAULT_POINT", None)
     if fault is not None:
         env["DUET_FAULT_POINT"] = fault
-    p = subprocess.Popen(
+    return subprocess.Popen(
         duet_cmd("train", *args, f"model.cache_dir={model_cache}"),
         cwd=REPO,
         env=env,
@@ -63,6 +66,11 @@ def launch(run_dir: Path, *args: str, fault: str | None, model_cache: Path, time
         text=True,
         start_new_session=True,
     )
+
+
+def launch(run_dir: Path, *args: str, fault: str | None, model_cache: Path, timeout_s: float = 300.0):
+    """`duet train` in its own session, to its end. Returns (exit code, stderr)."""
+    p = start(*args, fault=fault, model_cache=model_cache)
     try:
         _, err = p.communicate(timeout=timeout_s)
     finally:
@@ -132,27 +140,79 @@ def check_finished(run_dir: Path, overrides: list[str] = RUN) -> None:
     assert all(abs(v - m["reward/mean"]) < 1e-6 for (_, v), m in zip(tb, rows))
 
 
-def test_three_kills_chained_then_the_run_finishes(tmp_path, model_cache, tiny_model):
-    run = tmp_path / "run"
+def check_equals_straight_run(run_dir: Path, straight: Path) -> None:
+    """Step by step what the run never interrupted did: data, rewards, tokens, versions, losses; and its
+    final weights."""
+    a, b = read_metrics(straight), read_metrics(run_dir)
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        assert x["data/prompts"] == y["data/prompts"]  # same data order
+        for key in ("reward/mean", "groups/with_signal", "tokens/generated", "policy_version"):
+            assert x[key] == y[key], (x["step"], key)
+        assert abs(x["train/loss"] - y["train/loss"]) < 1e-6
+        assert abs(x["train/grad_norm"] - y["train/grad_norm"]) < 1e-5
+    wa = load_file(complete_checkpoints(straight)[-1] / "hf" / "model.safetensors")
+    wb = load_file(complete_checkpoints(run_dir)[-1] / "hf" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+def launch_and_kill_the_learner(run: Path, model_cache: Path) -> tuple[int, str]:
+    """A resumed launch whose learner rank is SIGKILLed between steps (paused through the control API, so
+    the kill lands mid-run whatever the machine's speed). Returns (exit code, stderr)."""
+    stale = (run / "control.json").read_text()  # the killed launch's, left behind
+    p = start("--resume", str(run), fault=None, model_cache=model_cache)
+    try:
+        # control.json is written once the launch has started and loaded its checkpoint
+        wait_for(running(p, lambda: (run / "control.json").read_text() != stale), what="the launch started")
+        url, auth = pause_run(run, p)
+        os.kill(json.loads((run / "actors.json").read_text())["learner"][0], signal.SIGKILL)
+        assert httpx.post(f"{url}/resume", headers=auth).status_code == 200  # the next step meets it
+        _, err = p.communicate(timeout=300)
+    finally:
+        kill_group(p)
+    return p.returncode, err
+
+
+def test_four_kills_chained_then_the_run_equals_a_straight_one(tmp_path, model_cache, tiny_model):
+    run, straight = tmp_path / "run", tmp_path / "straight"
     chain = [
         "step.after_learn:2",  # mid-step: learned, not broadcast, no metrics, no checkpoint of step 2
         "checkpoint.during_write:3",  # DeepSpeed's files of step 3 written, driver_state.json not yet
+        "learner",  # the learner rank SIGKILLed while the driver lives
         "metrics.mid_write:4",  # half of step 4's metrics row on disk
     ]
-    rc, err = launch(run, "--run-dir", str(run), *RUN, fault=chain[0], model_cache=model_cache)
-    check_after_kill(run, rc, err, chain[0])
-    for fault in [*chain[1:], None]:
-        resume_from = complete_checkpoints(run)[-1]
-        rc, err = launch(run, "--resume", str(run), fault=fault, model_cache=model_cache)
-        # The newest complete checkpoint, never a half-written one (.tmp-step_3 after the second kill).
-        assert f"resuming from {resume_from} (step {checkpoint_step(resume_from)})" in err, err[-3000:]
-        if fault is not None:
-            check_after_kill(run, rc, err, fault)
-            if fault.startswith("checkpoint.during_write"):
-                assert (run / "checkpoints" / ".tmp-step_000003" / "deepspeed").is_dir()
-                assert checkpoint_step(complete_checkpoints(run)[-1]) == 2
-            if fault.startswith("metrics.mid_write"):
-                with pytest.raises(json.JSONDecodeError):
-                    json.loads(metric_lines(run)[-1])  # the cut row the resume must drop
-    assert rc == 0, err[-3000:]
+    # The run never interrupted, alongside the first launch (each its own local Ray): start-up, most of a
+    # launch, is not CPU-bound throughout, so two side by side take less than two in a row.
+    ref = start_train(straight, *RUN, model_cache=model_cache)
+    try:
+        rc, err = launch(run, "--run-dir", str(run), *RUN, fault=chain[0], model_cache=model_cache)
+        check_after_kill(run, rc, err, chain[0])
+        for fault in [*chain[1:], None]:
+            resume_from = complete_checkpoints(run)[-1]
+            if fault == "learner":
+                rc, err = launch_and_kill_the_learner(run, model_cache)
+            else:
+                rc, err = launch(run, "--resume", str(run), fault=fault, model_cache=model_cache)
+            # The newest complete checkpoint, never a half-written one (.tmp-step_3 after the second kill).
+            assert f"resuming from {resume_from} (step {checkpoint_step(resume_from)})" in err, err[-3000:]
+            if fault == "learner":  # the driver lives: it stops the run, naming what continues it
+                assert rc == 1, err[-3000:]
+                assert "learner rank died" in err and "last checkpoint:" in err, err[-3000:]
+                assert f"--resume {run}" in err, err[-3000:]
+                assert steps_done(run) < STEPS  # the kill landed before the run was over
+            elif fault is not None:
+                check_after_kill(run, rc, err, fault)
+                if fault.startswith("checkpoint.during_write"):
+                    assert (run / "checkpoints" / ".tmp-step_000003" / "deepspeed").is_dir()
+                    assert checkpoint_step(complete_checkpoints(run)[-1]) == 2
+                if fault.startswith("metrics.mid_write"):
+                    with pytest.raises(json.JSONDecodeError):
+                        json.loads(metric_lines(run)[-1])  # the cut row the resume must drop
+        assert rc == 0, err[-3000:]
+        _, ref_err = ref.communicate(timeout=300)
+        assert ref.returncode == 0, ref_err[-3000:]
+    finally:
+        kill_group(ref)
     check_finished(run)
+    check_equals_straight_run(run, straight)

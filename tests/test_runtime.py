@@ -117,7 +117,7 @@ def test_control_requests_are_applied_between_steps():
     waiter = threading.Thread(target=lambda: (control.apply(scaled.append, lambda: "x"), done.set()))
     waiter.start()
     time.sleep(0.5)
-    assert not done.is_set() and control.status()["paused"]
+    assert not done.is_set() and control.status()["paused"] and control.status()["state"] == "paused"
     control.resume()
     waiter.join(timeout=5)
-    assert done.is_set()
+    assert done.is_set() and control.status()["state"] == "running"
