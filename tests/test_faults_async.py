@@ -1,9 +1,10 @@
 """Faults in asynchronous mode (train.max_staleness_versions=1) with ONE engine, on the real stack: a dead
-learner rank, a dead engine actor, a silent engine. (vLLM's own processes dying under a live engine
-actor, in synchronous mode: tests/test_faults_engines.py.)
+learner rank, vLLM dead under a live engine actor, a silent engine. (Dead engine actors, a dead
+`VLLM::Worker` and a dead reward worker in synchronous mode: tests/test_faults_engines.py.)
 
-With one engine nothing else generates while it is gone: the loop itself must notice (a failed generate
-call, or no group for a while), replace the engine and go on, and apply control requests meanwhile.
+With one engine nothing else generates while it is gone: the loop itself must notice (every generate call
+failing at once, or no group for a while), replace the engine and go on, and apply control requests
+meanwhile.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.helpers import (
     pause_run,
     running,
     steps_done,
+    vllm_process,
     wait_for,
 )
 from tests.helpers import start_train as start
@@ -50,7 +52,8 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
 
     First launch: a checkpoint asked through the control API, then the learner rank SIGKILLed: the run
     stops (exit 1) naming the checkpoint and the command that continues it.
-    Resumed launch: the only engine's actor SIGKILLed (its generate call fails), later the new one
+    Resumed launch: the only engine's `VLLM::EngineCore` SIGKILLed (what a CUDA error or an out-of-memory
+    kill does: the actor lives on and every generate call on it fails at once), later the new engine's actor
     SIGSTOPped (nothing fails, nothing comes: the loop must notice by itself). Control requests are
     answered and applied while the only engine hangs; the run heals itself and finishes every step."""
     run = tmp_path / "run"
@@ -106,9 +109,12 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
         )
         wait_for(running(p, lambda: steps_done(run) >= resume_step + 1), what="a step of the resumed launch")
         first = engine_pid(run)
-        leftovers += [*descendants(first)]  # vLLM's engine core, orphaned by the kill
-        os.kill(first, signal.SIGKILL)
-        wait_for(running(p, lambda: engine_pid(run) not in (None, first)), what="the killed engine replaced")
+        leftovers += [first, *descendants(first)]
+        os.kill(vllm_process(first, "VLLM::EngineCore"), signal.SIGKILL)
+        wait_for(
+            running(p, lambda: engine_pid(run) not in (None, first)),
+            what="the engine whose vLLM engine core died replaced",
+        )
         second = engine_pid(run)
         wait_for(running(p, lambda: steps_done(run) >= resume_step + 3), what="two more steps")
         # Paused, the loop waits between steps: the SIGSTOP cannot land inside a weight transfer (which
@@ -134,7 +140,7 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
     events = [e for m in metrics for e in m["events"]]
     replaced = [e for e in events if e["event"] == "engine_replaced"]
     assert len(replaced) == 2, events
-    assert "actor died" in replaced[0]["reason"] and "no answer" in replaced[1]["reason"], replaced
+    assert "vLLM died" in replaced[0]["reason"] and "no answer" in replaced[1]["reason"], replaced
     # The first launch's checkpoint event is in a row after its checkpoint: the resumed launch redid it.
     asked = [e for e in events if e["event"] == "checkpoint"]
     assert len(asked) == 1, events
