@@ -10,14 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import ray
 
 from cluster.config import SamplingConfig
 from cluster.records import Completion, Prompt
+
+T = TypeVar("T")
+# How often a call waiting on vLLM asks whether vLLM died meanwhile (see `_until_vllm_dies`).
+DEATH_POLL_S = 0.5
+
+
+def vllm_call(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """An actor method that waits on vLLM's engine core: raced against vLLM's death (`_until_vllm_dies`)."""
+
+    @functools.wraps(method)
+    async def call(self: RolloutEngine, *args: Any, **kwargs: Any) -> T:
+        return await self._until_vllm_dies(method(self, *args, **kwargs))
+
+    return call
 
 
 @ray.remote
@@ -97,19 +114,47 @@ class RolloutEngine:
         actor alive but every call failing with EngineDeadError: the driver replaces such an engine."""
         return self.vllm_error is None and not self.engine.errored
 
-    @contextlib.asynccontextmanager
-    async def _vllm_call(self):
-        """Remember that vLLM died when a call fails with EngineDeadError (or after which vLLM reports
-        itself errored): its exception reaches the driver, and `alive()` answers False from then on."""
+    async def health(self, probe_s: float = 0.0) -> str | None:
+        """None when this engine can generate, else what is wrong with it. `probe_s` > 0: also ask vLLM's
+        engine core for an answer within `probe_s` (a round trip it makes between scheduler steps), to find
+        a core that lives but hangs (stopped, stuck in a collective) under a live actor. Only for when no
+        weight update is in flight: a core receiving weights answers after the transfer."""
+        if not self.alive():
+            return "vLLM died"
+        if probe_s > 0:
+            try:
+                await asyncio.wait_for(self.engine.is_paused(), probe_s)
+            except TimeoutError:
+                return f"vLLM hung: its engine core gave no answer in {probe_s:g} s"
+        return None
+
+    async def _until_vllm_dies(self, call: Awaitable[T]) -> T:
+        """Await `call`; if vLLM dies meanwhile, raise EngineDeadError within DEATH_POLL_S, and remember it
+        (`alive()` answers False from then on).
+
+        Written by hand because vLLM 0.32 fails a dead engine core's request queues but not its utility calls
+        (`pause_generation`, `resume_generation`, `collective_rpc`, the weight-transfer calls): their futures
+        (`core_client.py: utility_results`) wait for a reply that never comes. A core killed while one was
+        pending left this actor, and the driver's wait on it, hanging with no error.
+        """
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        task = asyncio.ensure_future(call)
         try:
-            yield
+            while not task.done():
+                await asyncio.wait({task}, timeout=DEATH_POLL_S)
+                if not task.done() and self.engine.errored:
+                    raise EngineDeadError("vLLM died while this call waited on it", suppress_context=True)
+            return task.result()
         except BaseException as e:
             if isinstance(e, EngineDeadError) or self.engine.errored:
                 self.vllm_error = f"{type(e).__name__}: {e}"
             raise
+        finally:
+            if not task.done():
+                task.cancel()
 
+    @vllm_call
     async def generate(
         self,
         prompts: list[Prompt],
@@ -138,8 +183,7 @@ class RolloutEngine:
         self.in_flight += len(prompts)
         version_start = self.version
         try:
-            async with self._vllm_call():
-                finals = await self._generate(prompts, params, deterministic, seed)
+            finals = await self._generate(prompts, params, deterministic, seed)
         finally:
             self.in_flight -= len(prompts)
         groups = [self._group(p, out, version_start) for p, out in zip(prompts, finals)]
@@ -190,12 +234,13 @@ class RolloutEngine:
         return self.in_flight
 
     # ---- vLLM's weight-transfer API, as the learner's sender drives it ----
+    @vllm_call
     async def init_weight_transfer_engine(self, init_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-        async with self._vllm_call():
-            await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+        await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
+    @vllm_call
     async def start_weight_update(self) -> None:
         if self.update_active:
             # A broadcast broke off (another engine died) with this engine inside its update. vLLM
@@ -218,12 +263,13 @@ class RolloutEngine:
             await self.engine.pause_generation(mode="keep", clear_cache=False)
         await self.engine.start_weight_update()
 
+    @vllm_call
     async def update_weights(self, update_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-        async with self._vllm_call():
-            await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
 
+    @vllm_call
     async def finish_weight_update(self, weight_version: str | None = None) -> None:
         # vLLM stamps the version before generation resumes: no completion ends under the new
         # weights with the old version number.
@@ -239,19 +285,20 @@ class RolloutEngine:
         self.update_active = False
         self.update_done.set()
 
+    @vllm_call
     async def apply_weight_update(self, update_info: dict, weight_version: str | None) -> None:
         """A whole update in one actor call (start, receive while the learner broadcasts, finish), so an
         update costs one round trip per engine. If the receive fails the update stays open (the next
         start closes it) and the engine holds new requests until a broadcast completes."""
         t0 = time.perf_counter()
-        async with self._vllm_call():
-            await self.start_weight_update()
-            t1 = time.perf_counter()
-            await self.update_weights(update_info)
-            t2 = time.perf_counter()
-            await self.finish_weight_update(weight_version)
+        await self.start_weight_update()
+        t1 = time.perf_counter()
+        await self.update_weights(update_info)
+        t2 = time.perf_counter()
+        await self.finish_weight_update(weight_version)
         self.update_timing = {"start_s": t1 - t0, "update_s": t2 - t1, "finish_s": time.perf_counter() - t2}
 
+    @vllm_call
     async def shutdown_weight_transfer_engine(self) -> None:
         """Release this engine's side of the transfer group (vLLM refuses inside an open update, so a
         broken-off one is closed first). The engine keeps holding requests if that update broke off:
@@ -261,32 +308,36 @@ class RolloutEngine:
                 await self.engine.finish_weight_update()
         await self.engine.shutdown_weight_transfer_engine()
 
+    @vllm_call
     async def transport_floor(self, nbytes: int, reps: int) -> None:
         """Receive side of the learner's floor measurement over the same transfer group."""
         await self.engine.collective_rpc("duet_transport_floor", args=(nbytes, reps))
 
+    @vllm_call
     async def transfer_stats(self) -> list[dict]:
         """Per worker: timings of the last update, and the transfer groups it opened and closed."""
         return await self.engine.collective_rpc("duet_transfer_stats")
 
+    @vllm_call
     async def weight_version(self) -> int:
-        async with self._vllm_call():
-            reported = await self.engine.get_weight_version()
+        reported = await self.engine.get_weight_version()
         return int(reported) if str(reported).isdigit() else self.version
 
+    @vllm_call
     async def received_digest(self) -> list[str | None]:
         """sha256 of the bytes each worker received in the last update (one per TP rank)."""
-        async with self._vllm_call():
-            return await self.engine.collective_rpc("duet_received_digest")
+        return await self.engine.collective_rpc("duet_received_digest")
 
+    @vllm_call
     async def weight_checksums(self) -> list[dict[str, str]]:
         """vLLM's own per-parameter sha256, in its fused layout: comparable between engines."""
-        async with self._vllm_call():
-            return await self.engine.compute_weight_checksums()
+        return await self.engine.compute_weight_checksums()
 
+    @vllm_call
     async def pause(self, mode: str = "keep") -> None:
         await self.engine.pause_generation(mode=mode, clear_cache=False)
 
+    @vllm_call
     async def resume(self) -> None:
         await self.engine.resume_generation()
 

@@ -197,8 +197,9 @@ class RolloutConfig(SamplingConfig):
     stall_check_s: float = Field(
         20.0,
         gt=0.0,
-        description="Async mode: seconds without a new group after which every engine is asked, with a 10-s "
-        "deadline, whether it still answers; one that does not (hung, stopped, cut off) is replaced.",
+        description="Seconds without a new group (async mode) or a generated chunk (sync mode) after which "
+        "every engine, and vLLM's engine core under it, is asked whether it still answers (10-s and 5-s "
+        "deadlines); one that does not (hung, stopped, cut off) is replaced and its prompts generated again.",
     )
 
     @model_validator(mode="after")

@@ -27,7 +27,8 @@ from cluster.config import Config
 from cluster.control import RunControl, start_control
 from cluster.data import PromptStream, load_prompts
 from cluster.evaluation import eval_metrics, eval_prompts, evaluate
-from cluster.healing import ENGINE_FAILURES, FleetHealer
+from cluster.fleet import ENGINE_FAILURES, WAIT_NOTE_S
+from cluster.healing import FleetHealer
 from cluster.pipeline import RolloutProducer
 from cluster.records import Prompt, ScoredGroup
 from cluster.reporting import StepReporter
@@ -37,8 +38,6 @@ from cluster.scoring import Scoring, group_metrics, staleness_metrics
 from cluster.watchdog import Watchdog
 
 StepCallback = Callable[["Trainer", dict], None]
-# Asynchronous mode: every this often while the loop waits for groups it says on stderr what it waits for.
-WAIT_NOTE_S = 60.0
 
 
 def train(
@@ -167,28 +166,23 @@ class Trainer:
 
     def generate_and_score(self, prompts: list[Prompt], round_: int) -> tuple[list[ScoredGroup], dict]:
         """G completions per prompt, scored as each engine's chunk arrives (scoring overlaps generation).
-        Round `round_` of the step (refill) has its own sampling seed. A chunk whose engine died is
-        generated again after the healer has replaced the engine."""
-        g, t0 = self.cfg.rollout.group_size, time.perf_counter()
-        seed = self.cfg.run.seed * 1_000_003 + self.step * 101 + round_
-        pending: dict = {}  # ref -> (engine id, its prompts)
-
-        def submit(chunk: list[Prompt]) -> None:
-            pending.update({r: (self.fleet.ids[k], c) for k, c, r in self.fleet.submit(chunk, g, seed=seed)})
-
-        submit(prompts)
+        Round `round_` of the step (refill) has its own sampling seed. A chunk whose engine died or hangs
+        (no chunk back for `rollout.stall_check_s`) is generated again after the healer has replaced the
+        engine; see RolloutFleet.generate."""
+        t0 = time.perf_counter()
+        chunks = self.fleet.generate(
+            prompts,
+            self.cfg.rollout.group_size,
+            seed=self.cfg.run.seed * 1_000_003 + self.step * 101 + round_,
+            on_failure=lambda engine_id, e: self.healer.replaced(engine_id, e, self.version),
+            on_stall=lambda: self.healer.heal_hung(
+                f"no chunk back for {self.cfg.rollout.stall_check_s:g} s", self.version
+            ),
+            label=f"step {self.step}",
+        )
         scoring: list[Scoring] = []
         gen_done = t0
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            engine_id, chunk = pending.pop(ref)
-            try:
-                groups = ray.get(ref)
-            except ENGINE_FAILURES as e:
-                if not self.healer.replaced(engine_id, e, self.version):
-                    raise
-                submit(chunk)
-                continue
+        for engine_id, chunk, groups in chunks:
             gen_done = time.perf_counter()
             now = time.time()
             self.timeline.append(
@@ -223,7 +217,7 @@ class Trainer:
                 raise self.producer.error
             lost = self.healer.heal_lost_engines(self.version)
             if not lost and time.monotonic() - last_group > stall_s:
-                self.healer.heal(f"no group for {stall_s:g} s", self.version, timeout_s=10.0)
+                self.healer.heal_hung(f"no group for {stall_s:g} s", self.version)
                 last_group = time.monotonic()
             self.applied_midstep += self.control.apply(self.resize_fleet, self.checkpoint_last_step)
             got = ray.get(self.queue.take.remote(want - len(batch), self.version, 1.0))
@@ -316,12 +310,20 @@ class Trainer:
     # ---- between steps: evaluation, the control API's requests, checkpoints ----
     def evaluate(self, n: int | None = None) -> dict:
         """Score the held-out set on the current weights, n (default eval.samples_per_prompt) samples per
-        problem. An engine that dies meanwhile is replaced and the evaluation starts over."""
+        problem. An engine that dies meanwhile is replaced and the evaluation starts over; one that hangs
+        is replaced and its prompts sampled again."""
         e, verifier = self.cfg.eval, self.cfg.rewards.verifier
         held_out = self.eval_set if self.eval_set is not None else eval_prompts(self.cfg)
+        stall_s = self.cfg.rollout.stall_check_s
         return self.healer.retry(
             lambda: evaluate(
-                self.fleet, self.rewards, held_out, n or e.samples_per_prompt, e.sampling(), verifier
+                self.fleet,
+                self.rewards,
+                held_out,
+                n or e.samples_per_prompt,
+                e.sampling(),
+                verifier,
+                on_stall=lambda: self.healer.heal_hung(f"no chunk back for {stall_s:g} s", self.version),
             ),
             "died during evaluation",
             self.version,

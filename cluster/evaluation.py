@@ -40,7 +40,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,29 +216,42 @@ def eval_prompts(cfg: Config, files: Sequence[str | Path] = ()) -> list[Prompt]:
 # ---------------------------------------------------------------- running it
 
 
-def generate(fleet: Any, prompts: list[Prompt], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
-    """n completions per prompt from a RolloutFleet (its current weights), in the prompts' order."""
-    import ray
-
+def generate(
+    fleet: Any,
+    prompts: list[Prompt],
+    n: int,
+    sampling: SamplingConfig,
+    on_stall: Callable[[], object] | None = None,
+) -> list[list[Completion]]:
+    """n completions per prompt from a RolloutFleet (its current weights), in the prompts' order.
+    `on_stall`: see RolloutFleet.generate (the driver's replaces engines that hang)."""
     prompts = [Prompt(i, p.text, p.answer, p.source) for i, p in enumerate(prompts)]  # index = position
     groups: list[list[Completion]] = [[] for _ in prompts]
-    for _, chunk, ref in fleet.submit(prompts, n, sampling=sampling):
-        for p, group in zip(chunk, ray.get(ref), strict=True):
+    for _, chunk, chunk_groups in fleet.generate(
+        prompts, n, sampling=sampling, on_stall=on_stall, label="evaluation"
+    ):
+        for p, group in zip(chunk, chunk_groups, strict=True):
             groups[p.index] = group
     return groups
 
 
 def evaluate(
-    fleet: Any, reward_pool: Any, prompts: list[Prompt], n: int, sampling: SamplingConfig, verifier: str
+    fleet: Any,
+    reward_pool: Any,
+    prompts: list[Prompt],
+    n: int,
+    sampling: SamplingConfig,
+    verifier: str,
+    on_stall: Callable[[], object] | None = None,
 ) -> dict:
     """Sample n completions per prompt, score them, and summarize (see `summarize`).
 
     `fleet`: a RolloutFleet (the driver calls this between steps, on the current weights);
     `reward_pool`: a RewardPool. A completion is correct when the verifier's reason is "correct".
-    Adds `elapsed_s` to the result.
+    `on_stall`: see RolloutFleet.generate. Adds `elapsed_s` to the result.
     """
     t0 = time.perf_counter()
-    groups = generate(fleet, prompts, n, sampling)
+    groups = generate(fleet, prompts, n, sampling, on_stall)
     records = [
         {
             "source": g.prompt.source,

@@ -8,7 +8,9 @@ and only then hand the engines prompts. So an engine never generates with stale 
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
+from collections.abc import Callable, Iterator
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -19,7 +21,13 @@ from cluster.config import Config, SamplingConfig
 from cluster.liveness import DEAD, FAILED, SILENT, poll
 from cluster.placement import Plan
 from cluster.preflight import wait_placed
-from cluster.records import Prompt
+from cluster.records import Completion, Prompt
+
+# What a call on an engine raises when the engine died: its actor (RayActorError), or vLLM's processes
+# under a live actor (RayTaskError wrapping EngineDeadError). Which one it was, the healer asks the fleet.
+ENGINE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)
+# How often a long wait on the engines says on stderr what it waits for.
+WAIT_NOTE_S = 60.0
 
 
 class RolloutFleet:
@@ -110,6 +118,64 @@ class RolloutFleet:
             if chunk
         ]
 
+    def generate(
+        self,
+        prompts: list[Prompt],
+        group_size: int,
+        *,
+        sampling: SamplingConfig | None = None,
+        seed: int | None = None,
+        on_failure: Callable[[int, BaseException], bool] | None = None,
+        on_stall: Callable[[], object] | None = None,
+        label: str = "generation",
+    ) -> Iterator[tuple[int, list[Prompt], list[list[Completion]]]]:
+        """G completions per prompt, spread over the engines (`submit`): yields (engine id, its prompts,
+        their groups) per engine as each chunk arrives.
+
+        The wait has deadlines. A call that failed: `on_failure(engine id, error)` mends the fleet and says
+        whether to generate the chunk again (without it, or when it says no, the error is raised). No chunk
+        back for `rollout.stall_check_s`: `on_stall()` (which replaces engines that hang), then the chunks
+        of engines replaced meanwhile are generated again. Every WAIT_NOTE_S a line on stderr says what the
+        wait is for (`label`)."""
+        stall_s = self.cfg.rollout.stall_check_s
+        pending: dict[ray.ObjectRef, tuple[int, list[Prompt]]] = {}
+
+        def submit(chunk: list[Prompt]) -> None:
+            pending.update(
+                {r: (self.ids[k], c) for k, c, r in self.submit(chunk, group_size, sampling, seed)}
+            )
+
+        submit(prompts)
+        t0 = last_chunk = last_note = time.monotonic()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            now = time.monotonic()
+            if ready:
+                last_chunk = now
+                engine_id, chunk = pending.pop(ready[0])
+                try:
+                    groups = ray.get(ready[0])
+                except ENGINE_FAILURES as e:
+                    if on_failure is None or not on_failure(engine_id, e):
+                        raise
+                    submit(chunk)
+                    continue
+                yield engine_id, chunk, groups
+                continue
+            if on_stall is not None and now - last_chunk > stall_s:
+                on_stall()
+                for r in [r for r, (i, _) in pending.items() if i not in self.ids]:
+                    submit(pending.pop(r)[1])  # its engine was replaced: the new one generates it
+                last_chunk = time.monotonic()
+            if now - last_note > WAIT_NOTE_S:
+                last_note = now
+                print(
+                    f"duet: {label} waits {now - t0:.0f} s for engines {sorted({i for i, _ in pending.values()})}, "
+                    f"which hold {sum(len(c) for _, c in pending.values())} prompts",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
     def submit_to(
         self,
         k: int,
@@ -184,19 +250,21 @@ class RolloutFleet:
         For reporting only: decisions that need every engine's answer call the engines directly."""
         return [value for _, value in poll([getattr(e, method).remote() for e in self.engines], timeout_s)]
 
-    def dead_slots(self, timeout_s: float = 30.0) -> dict[int, str]:
+    def dead_slots(self, timeout_s: float = 30.0, probe_s: float = 0.0) -> dict[int, str]:
         """Slots whose engine cannot generate, with what is wrong: its actor died (`actor died`) or hangs
         (`no answer in N s`), or the actor lives but vLLM's own processes under it died (`vLLM died`:
-        `alive()` answers False)."""
-        verdicts = poll([e.alive.remote() for e in self.engines], timeout_s)
+        `alive()` answers False) or, with `probe_s` > 0, hang (`vLLM hung: ...`; see RolloutEngine.health)."""
+        verdicts = poll([e.health.remote(probe_s) for e in self.engines], timeout_s)
         dead = {}
-        for k, (verdict, alive) in enumerate(verdicts):
+        for k, (verdict, wrong) in enumerate(verdicts):
             if verdict == DEAD:
                 dead[k] = "actor died"
             elif verdict == SILENT:
                 dead[k] = f"no answer in {timeout_s:.0f} s"
-            elif verdict == FAILED or not alive:
+            elif verdict == FAILED:
                 dead[k] = "vLLM died"
+            elif wrong is not None:
+                dead[k] = wrong
         return dead
 
     def versions(self) -> list[int | None]:

@@ -19,18 +19,18 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import ray
-
+from cluster.fleet import ENGINE_FAILURES
 from cluster.pipeline import RolloutProducer, failure_name
 from cluster.run_actors import RunActors
 
-# What a call on an engine raises when the engine died: its actor (RayActorError), or vLLM's processes
-# under a live actor (RayTaskError wrapping EngineDeadError). Which one it was, `heal` asks the fleet.
-ENGINE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)
 # After a call failed, how long `heal` keeps asking before it concludes that no engine died: vLLM marks an
 # engine dead a moment after its worker process dies (its monitor thread, then the engine core's message
 # to the client), so a call can fail with EngineDeadError before `alive()` answers False.
 FAILURE_GRACE_S = 15.0
+# After a failure, once some engine is found dead, how long `heal` waits before it asks again and replaces
+# every engine found dead either time: deaths that come together (a node; a worker and an actor killed at
+# once) are noticed moments apart, and each engine start missed costs a whole start (about 40 s on CPU).
+SETTLE_S = 2.0
 
 
 class FleetHealer:
@@ -41,31 +41,47 @@ class FleetHealer:
         self.actors, self.producer = actors, producer
 
     def heal(
-        self, reason: str, version: int, timeout_s: float = 30.0, after_failure: bool = False
+        self,
+        reason: str,
+        version: int,
+        timeout_s: float = 30.0,
+        after_failure: bool = False,
+        probe_s: float = 0.0,
     ) -> dict | None:
         """Replace the engines that died (found by a cheap call answered within `timeout_s`), reconnect and
         push the current weights. Returns the broadcast's result, or None when every engine was alive.
-        `after_failure`: a call has just failed, so ask again for up to FAILURE_GRACE_S before None."""
+        `after_failure`: a call has just failed, so ask again for up to FAILURE_GRACE_S before None.
+        `probe_s` > 0: vLLM's engine cores must answer too (a hung core under a live actor is replaced);
+        only where no weight update is in flight (the stall checks), see RolloutEngine.health."""
         fleet = self.actors.fleet
-        dead = fleet.dead_slots(timeout_s)
+        dead = fleet.dead_slots(timeout_s, probe_s)
         give_up = time.monotonic() + (FAILURE_GRACE_S if after_failure else 0.0)
         while not dead and time.monotonic() < give_up:
             time.sleep(1.0)
-            dead = fleet.dead_slots(timeout_s)
+            dead = fleet.dead_slots(timeout_s, probe_s)
         if not dead:
             return None
+        if after_failure:
+            time.sleep(SETTLE_S)
+            dead = dict(sorted({**fleet.dead_slots(timeout_s, probe_s), **dead}.items()))
         with self.held():
             for _ in range(3):
+                # The old actor still answers when only vLLM under it died or hangs: it is asked to shut down.
                 fleet.replace(
-                    {k: (f"{reason}: {what}", what == "vLLM died") for k, what in dead.items()}, version
+                    {k: (f"{reason}: {what}", what.startswith("vLLM")) for k, what in dead.items()}, version
                 )
                 # Asked again before the new transfer group opens: an engine can die, or be seen dead (vLLM
                 # marks itself dead a moment after its worker), while others are replaced. Let into the
                 # group, a dead one leaves everyone waiting out the transfer timeout.
-                dead = fleet.dead_slots(timeout_s)
+                dead = fleet.dead_slots(timeout_s, probe_s)
                 if not dead:
                     break
             return self.actors.reconnect_fleet(version)
+
+    def heal_hung(self, reason: str, version: int) -> dict | None:
+        """Nothing came back for a while (`rollout.stall_check_s`): replace the engines whose actor gives no
+        answer in 10 s or whose vLLM engine core gives none in 5 s. No weight update may be in flight."""
+        return self.heal(reason, version, timeout_s=10.0, probe_s=5.0)
 
     def retry(self, fn: Callable[[], Any], reason: str, version: int, attempts: int = 3) -> Any:
         """Run `fn()`; if an engine died meanwhile, heal the fleet and run it again (another engine may die

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import assert_samples_from, descendants, open_sender, start_engine
+from tests.helpers import assert_samples_from, descendants, open_sender, start_engine, vllm_process
 
 pytestmark = pytest.mark.integration
 
@@ -131,11 +131,12 @@ def perturb_model(model, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def test_idle_update_holds_new_requests_and_hung_engine_meets_the_deadline(local_ray, tiny_model):
+def test_idle_update_holds_new_requests_and_hung_or_dead_engine_meets_the_deadline(local_ray, tiny_model):
     """An idle engine is updated without a pause, so requests that arrive meanwhile must wait for the
     update and start under the new version. Then the engine hangs (its vLLM processes stopped) in the
     middle of an update: learner rank 0 gets a clear error within its deadline instead of blocking,
-    and closing the sender releases the engine's side of the group once it runs again."""
+    and closing the sender releases the engine's side of the group once it runs again. Last, vLLM dies
+    while calls wait on it: each fails with EngineDeadError at once, none waits forever."""
     import os
     import signal
     import time
@@ -193,6 +194,28 @@ def test_idle_update_holds_new_requests_and_hung_engine_meets_the_deadline(local
     assert ray.get(engine.received_digest.remote()) == [sender.last_digest]
     assert_samples_from(ray, engine, model, version=5, prompts=2)
     close(sender)
+
+    # 4. vLLM's engine core dies (a CUDA error, an out-of-memory kill) while calls wait on its answer: a
+    # pause, and a deterministic generate (which pauses the scheduler to add its batch). vLLM fails the
+    # request queues of a dead core, not its utility calls: those must not wait forever.
+    core = vllm_process(ray.get(engine.ready.remote())["pid"], "VLLM::EngineCore")
+    assert ray.get(engine.health.remote(5.0)) is None
+    os.kill(core, signal.SIGSTOP)
+    assert ray.get(engine.health.remote(2.0)).startswith("vLLM hung")  # the actor answers, its core does not
+    sampling = SamplingConfig(temperature=1.0, max_tokens=4)
+    waiting = [
+        engine.pause.remote(),
+        engine.generate.remote([Prompt(1, "2+2=", "4")], 2, sampling, deterministic=True, seed=7),
+    ]
+    assert not ray.wait(waiting, num_returns=2, timeout=3.0)[0], "calls answered by a stopped engine core"
+    os.kill(core, signal.SIGKILL)
+    answered, _ = ray.wait(waiting, num_returns=2, timeout=30.0)
+    assert len(answered) == 2, "calls that waited on vLLM when it died still wait 30 s later"
+    for ref in waiting:
+        with pytest.raises(ray.exceptions.RayTaskError, match="EngineDeadError"):
+            ray.get(ref)
+    assert ray.get(engine.alive.remote()) is False  # the driver's healer replaces it
+    assert ray.get(engine.health.remote(2.0)) == "vLLM died"
     ray.get(engine.shutdown.remote())
 
 
