@@ -278,8 +278,9 @@ class Trainer:
         """Push the learner's weights (hashing the bytes only when this step is checked); if an engine died
         during the transfer, the healer replaces it and pushes to every engine again."""
         # The transfer waits on every engine (up to its deadline), so a hung engine (silent, not dead)
-        # would stall it: ask first, with a short one. Replacing an engine pushes the current weights.
-        sent = self.healer.heal("found dead before a broadcast", self.version, timeout_s=10.0)
+        # would stall it: ask first, actors and vLLM's cores, with short deadlines. Replacing an engine
+        # pushes the current weights.
+        sent = self.healer.heal_hung("found dead before a broadcast", self.version)
         if sent is not None:
             return sent
         try:

@@ -79,8 +79,10 @@ class FleetHealer:
             return self.actors.reconnect_fleet(version)
 
     def heal_hung(self, reason: str, version: int) -> dict | None:
-        """Nothing came back for a while (`rollout.stall_check_s`): replace the engines whose actor gives no
-        answer in 10 s or whose vLLM engine core gives none in 5 s. No weight update may be in flight."""
+        """Replace the engines that died or hang: whose actor gives no answer in 10 s, or whose vLLM engine
+        core gives none in 5 s. Called when nothing came back for `rollout.stall_check_s`, and before each
+        broadcast (a hung engine would hold the transfer until its deadline); never while a weight update
+        may be in flight (a core receiving weights answers after the transfer)."""
         return self.heal(reason, version, timeout_s=10.0, probe_s=5.0)
 
     def retry(self, fn: Callable[[], Any], reason: str, version: int, attempts: int = 3) -> Any:

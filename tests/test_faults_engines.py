@@ -1,13 +1,13 @@
-"""Dead and hung engines and reward workers on the real stack (synchronous mode): an engine's Ray actor and
-another engine's vLLM worker process (under its live actor) SIGKILLed together with a reward worker, then a
-new engine's vLLM engine core stopped (hung under a live actor); each is replaced and the run finishes every
-step.
+"""Dead engines and reward workers on the real stack (synchronous mode): an engine's Ray actor and another
+engine's vLLM worker process (under its live actor) SIGKILLed together with a reward worker; each is
+replaced and the run finishes every step.
 
 The test runs `duet train` as a real subprocess (its own local Ray) and kills real processes. Start-up
 (Ray, the learner, the engines) and each engine's replacement are most of its time, so the faults land
-together. Elsewhere: vLLM's engine core killed under a live actor, and a silent engine, in asynchronous mode
-with one engine (tests/test_faults_async.py); the learner rank killed and the driver killed at fault
-points, each resumed (tests/test_crash_consistency.py); whole nodes (tests/test_cluster_sim.py).
+together. Elsewhere: vLLM's engine core killed, then another's stopped (hung), under live actors, in
+asynchronous mode with one engine (tests/test_faults_async.py); a synchronous step's wait on an engine that
+hangs (tests/test_liveness.py); the learner rank killed and the driver killed at fault points, each resumed
+(tests/test_crash_consistency.py); whole nodes (tests/test_cluster_sim.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import os
 import signal
 
-import httpx
 import pytest
 
 from cluster.metrics import read_metrics
@@ -25,7 +24,6 @@ from tests.helpers import (
     engine_pid,
     kill_group,
     kill_leftovers,
-    pause_run,
     running,
     start_train,
     steps_done,
@@ -42,12 +40,7 @@ def test_dead_engine_actor_vllm_worker_and_reward_worker_are_replaced(tmp_path, 
     engines are replaced, side by side, before the new weight-transfer group opens, and get the learner's
     weights before they generate; the run finishes every step, no prompt lost or trained twice, the in-run
     evaluation (which shares the fleet) included. Every step's groups pass through a replay queue that
-    holds a quarter of them.
-
-    Then engine 1's new `VLLM::EngineCore` is stopped between steps (what a process stuck in a GPU
-    collective looks like: nothing fails, nothing comes back, the actor answers): the next step's wait finds
-    it after `rollout.stall_check_s` by asking every engine core for an answer, replaces it and generates its
-    chunk again."""
+    holds a quarter of them."""
     run = tmp_path / "run"
     steps, per_step = 9, 16
     p = start_train(
@@ -63,7 +56,6 @@ def test_dead_engine_actor_vllm_worker_and_reward_worker_are_replaced(tmp_path, 
         # groups outnumber the queue must not wait on itself (`put` blocking before `take` is called).
         "algorithm.filter_tied=false",
         "train.queue_capacity_groups=4",
-        "rollout.stall_check_s=5",  # the hung core is looked for after 5 s without a chunk (20 s by default)
         "eval.every_steps=3",  # in-run evaluation shares the fleet: it must survive the replacements too
         "eval.synthetic_problems=16",
         "eval.samples_per_prompt=2",
@@ -88,16 +80,6 @@ def test_dead_engine_actor_vllm_worker_and_reward_worker_are_replaced(tmp_path, 
             what="the killed engine actor and the engine whose vLLM worker died replaced",
         )
         orphans += [*descendants(engine_pid(run, 0)), *descendants(engine_pid(run, 1))]
-        url, auth = pause_run(run, p)
-        assert steps_done(run) < steps - 1, "no step left to hang"
-        hung = engine_pid(run, 1)
-        os.kill(vllm_process(hung, "VLLM::EngineCore"), signal.SIGSTOP)
-        assert httpx.post(f"{url}/resume", headers=auth).status_code == 200
-        wait_for(
-            running(p, lambda: engine_pid(run, 1) not in (None, hung)),
-            what="the engine whose vLLM engine core hangs replaced",
-        )
-        orphans += descendants(engine_pid(run, 1))
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     finally:
@@ -108,12 +90,10 @@ def test_dead_engine_actor_vllm_worker_and_reward_worker_are_replaced(tmp_path, 
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     events = [e for m in metrics for e in m["events"]]
     replaced = [e for e in events if e.get("event") == "engine_replaced"]
-    assert len(replaced) == 3, events  # each death written once
+    assert len(replaced) == 2, events  # each death written once
     assert len([e for e in events if e.get("component") == "reward_worker"]) == 1, events
-    hung_core = replaced.pop()
-    assert "no chunk back for 5 s: vLLM hung" in hung_core["reason"], hung_core
     replaced.sort(key=lambda e: e["old"])
-    assert [e["old"] for e in replaced] == [0, 1] and hung_core["old"] == replaced[1]["new"], replaced
+    assert [e["old"] for e in replaced] == [0, 1], replaced
     assert "actor died" in replaced[0]["reason"] and "vLLM died" in replaced[1]["reason"], replaced
     for m in metrics:  # every engine, the new ones included, holds the learner's weights before it generates
         assert m["sync/checksum_match"] is True
