@@ -52,7 +52,7 @@ class FleetHealer:
         push the current weights. Returns the broadcast's result, or None when every engine was alive.
         `after_failure`: a call has just failed, so ask again for up to FAILURE_GRACE_S before None.
         `probe_s` > 0: vLLM's engine cores must answer too (a hung core under a live actor is replaced);
-        only where no weight update is in flight (the stall checks), see RolloutEngine.health."""
+        only where no weight update is in flight (`heal_hung`), see RolloutEngine.health."""
         fleet = self.actors.fleet
         dead = fleet.dead_slots(timeout_s, probe_s)
         give_up = time.monotonic() + (FAILURE_GRACE_S if after_failure else 0.0)
