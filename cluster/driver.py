@@ -175,9 +175,7 @@ class Trainer:
             self.cfg.rollout.group_size,
             seed=self.cfg.run.seed * 1_000_003 + self.step * 101 + round_,
             on_failure=lambda engine_id, e: self.healer.replaced(engine_id, e, self.version),
-            on_stall=lambda: self.healer.heal_hung(
-                f"no chunk back for {self.cfg.rollout.stall_check_s:g} s", self.version
-            ),
+            on_stall=self.heal_stalled,
             label=f"step {self.step}",
         )
         scoring: list[Scoring] = []
@@ -199,6 +197,11 @@ class Trainer:
             "time/reward_wait_s": done - gen_done,  # what the loop waited on rewards after generation
         }
         return scored, timing
+
+    def heal_stalled(self) -> None:
+        """No chunk back for `rollout.stall_check_s` (a step's or an evaluation's): replace the engines that
+        hang (FleetHealer.heal_hung); their chunks are generated again (RolloutFleet.generate)."""
+        self.healer.heal_hung(f"no chunk back for {self.cfg.rollout.stall_check_s:g} s", self.version)
 
     def rollout_async(self) -> tuple[list[ScoredGroup], list[ScoredGroup], dict]:
         """Take the next `prompts_per_step` groups the producer queued, at most k versions old. Returns
@@ -315,7 +318,6 @@ class Trainer:
         is replaced and its prompts sampled again."""
         e, verifier = self.cfg.eval, self.cfg.rewards.verifier
         held_out = self.eval_set if self.eval_set is not None else eval_prompts(self.cfg)
-        stall_s = self.cfg.rollout.stall_check_s
         return self.healer.retry(
             lambda: evaluate(
                 self.fleet,
@@ -324,7 +326,7 @@ class Trainer:
                 n or e.samples_per_prompt,
                 e.sampling(),
                 verifier,
-                on_stall=lambda: self.healer.heal_hung(f"no chunk back for {stall_s:g} s", self.version),
+                on_stall=self.heal_stalled,
             ),
             "died during evaluation",
             self.version,

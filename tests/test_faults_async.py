@@ -1,5 +1,5 @@
 """Faults in asynchronous mode (train.max_staleness_versions=1) with ONE engine, on the real stack: a dead
-learner rank, vLLM dead under a live engine actor, vLLM hung under a live engine actor. (Dead engine actors, a dead
+learner rank, then vLLM dead and vLLM hung under live engine actors. (Dead engine actors, a dead
 `VLLM::Worker` and a dead reward worker in synchronous mode: tests/test_faults_engines.py.)
 
 With one engine nothing else generates while it is gone: the loop itself must notice (every generate call

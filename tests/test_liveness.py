@@ -23,11 +23,14 @@ def test_poll_tells_answered_dead_and_silent_apart(local_ray):
     alive, dead, slow, failing = Probe.remote(), Probe.remote(), Probe.remote(), Probe.remote()
     ray.get([p.ping.remote() for p in (alive, dead, slow, failing)])
     ray.kill(dead, no_restart=True)
-    while True:  # the kill lands asynchronously: a call sent just after it may still be answered
+    for _ in range(300):  # the kill lands asynchronously: a call sent just after it may still be answered
         try:
             ray.get(dead.ping.remote(), timeout=30)
         except ray.exceptions.RayActorError:
             break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("ray.kill did not land within 30 s")
     t0 = time.perf_counter()
     refs = [alive.ping.remote(), dead.ping.remote(), slow.ping.remote(30.0), failing.broken.remote()]
     verdicts = poll(refs, timeout_s=5.0)
