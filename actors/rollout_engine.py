@@ -119,13 +119,22 @@ class RolloutEngine:
         engine core for an answer within `probe_s` (a round trip it makes between scheduler steps), to find
         a core that lives but hangs (stopped, stuck in a collective) under a live actor. Only for when no
         weight update is in flight: a core receiving weights answers after the transfer."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         if not self.alive():
             return "vLLM died"
         if probe_s > 0:
             try:
-                await asyncio.wait_for(self.engine.is_paused(), probe_s)
+                # Raced against death too: a core killed while the probe waits is dead, not hung.
+                await asyncio.wait_for(self._until_vllm_dies(self.engine.is_paused()), probe_s)
+            except EngineDeadError:
+                return "vLLM died"
             except TimeoutError:
-                return f"vLLM hung: its engine core gave no answer in {probe_s:g} s"
+                return (
+                    "vLLM died"
+                    if not self.alive()
+                    else f"vLLM hung: its engine core gave no answer in {probe_s:g} s"
+                )
         return None
 
     async def _until_vllm_dies(self, call: Awaitable[T]) -> T:

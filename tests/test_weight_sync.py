@@ -208,7 +208,10 @@ def test_idle_update_holds_new_requests_and_hung_or_dead_engine_meets_the_deadli
         engine.generate.remote([Prompt(1, "2+2=", "4")], 2, sampling, deterministic=True, seed=7),
     ]
     assert not ray.wait(waiting, num_returns=2, timeout=3.0)[0], "calls answered by a stopped engine core"
+    probing = engine.health.remote(20.0)  # the core dies while this probe waits: dead, not hung
+    time.sleep(1.0)
     os.kill(core, signal.SIGKILL)
+    assert ray.get(probing, timeout=10.0) == "vLLM died"
     answered, _ = ray.wait(waiting, num_returns=2, timeout=30.0)
     assert len(answered) == 2, "calls that waited on vLLM when it died still wait 30 s later"
     for ref in waiting:
