@@ -470,6 +470,12 @@ class EvalConfig(DatasetFields, SamplingConfig):
 
 class ControlConfig(_Section):
     enabled: bool = Field(True, description="Serve the control/status API (FastAPI) from the driver.")
+    start_paused: bool = Field(
+        False,
+        description="Start with the loop paused before its first step (actors up, weights loaded): POST "
+        "/resume starts it. For looking at a run before it trains (the dashboard, a scale request). Not "
+        "kept in RUN_DIR/config.yaml: a resumed launch runs unless this is given again.",
+    )
     host: str = Field("127.0.0.1", description="Bind address; anything but loopback needs a token.")
     port: int = Field(
         0, ge=0, le=65535, description="Port (0: any free port, written to RUN_DIR/control.json)."
@@ -490,6 +496,15 @@ class ControlConfig(_Section):
         description="Environment variable of the driver holding the bearer token (when token and "
         "token_file are unset). The driver's Ray processes do not inherit it.",
     )
+
+    @model_validator(mode="after")
+    def _resumable(self) -> ControlConfig:
+        if self.start_paused and not self.enabled:
+            raise ValueError(
+                "control.start_paused: a run started paused waits for POST /resume, which needs the control "
+                "API: set control.enabled=true or leave start_paused off"
+            )
+        return self
 
     def read_token(self) -> str | None:
         """The bearer token from token, token_file or the token_env variable (None: none given).

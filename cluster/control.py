@@ -61,13 +61,13 @@ class RunControl:
     # (rollout.max_engines, or what the cluster's resources hold): a typo must not wait forever.
     DEFAULT_MAX_ENGINES = 64
 
-    def __init__(self, run_dir: str | Path, max_engines: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, max_engines: int | None = None, paused: bool = False) -> None:
         self.run_dir = str(run_dir)
         self.max_engines = max_engines
         self._requests: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._status: dict = {"state": "starting"}
-        self.paused = False  # asked for: the loop stops at its next point between steps
+        self.paused = paused  # asked for: the loop stops at its next point between steps
         self._held = False  # the loop has stopped there (status "state": "paused")
 
     def status(self) -> dict:

@@ -62,7 +62,7 @@ class Trainer:
         self.eval_set = eval_prompts(cfg) if cfg.eval.every_steps else None
         self.step = 0
         self.version = 0
-        self.control = RunControl(run_dir, cfg.rollout.max_engines)
+        self.control = RunControl(run_dir, cfg.rollout.max_engines, paused=cfg.control.start_paused)
         self.watchdog = Watchdog(cfg.watchdog)
         self.producer: RolloutProducer | None = None  # asynchronous mode only
         self.applied_midstep: list[dict] = []  # control requests applied while a step waited for data

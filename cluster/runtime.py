@@ -155,6 +155,7 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     tree = json.loads(cfg.model_dump_json())
     tree["control"]["token"] = None
     tree["rewards"]["remote_token"] = None
+    tree["control"]["start_paused"] = False  # for this launch only: a resume runs unless asked again
     (run_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
 
 

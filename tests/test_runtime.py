@@ -17,10 +17,14 @@ from cluster.runtime import check_model, write_config
 
 
 def test_derived_defaults_are_filled_once_and_read_back_on_resume(tmp_path):
-    cfg = load_config(overrides=["rollout.max_tokens=48", "control.token=secret"])
+    cfg = load_config(
+        overrides=["rollout.max_tokens=48", "control.token=secret", "control.start_paused=true"]
+    )
     assert cfg.algorithm.length_norm == 48 and cfg.eval.max_tokens == 48
     write_config(tmp_path, cfg)
     assert "secret" not in (tmp_path / "config.yaml").read_text()
+    # Started paused, this launch only: a resumed launch runs unless asked again.
+    assert load_config(tmp_path / "config.yaml").control.start_paused is False
     # `duet train --resume` loads RUN_DIR/config.yaml (overrides may follow): the same values come back,
     # even when an override changes the field they were derived from.
     again = load_config(tmp_path / "config.yaml")
@@ -121,3 +125,12 @@ def test_control_requests_are_applied_between_steps():
     control.resume()
     waiter.join(timeout=5)
     assert done.is_set() and control.status()["state"] == "running"
+    # control.start_paused: the first apply, before step 1, already waits.
+    held = RunControl("runs/x", paused=True)
+    waiter = threading.Thread(target=held.apply, args=(scaled.append, lambda: "x"), daemon=True)
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and held.status()["state"] == "paused"
+    held.resume()
+    waiter.join(timeout=5)
+    assert not waiter.is_alive()
