@@ -6,7 +6,8 @@ server (FastAPI, served from a thread of the driver) and its command-line client
                        "state": "paused" once a pause has taken effect
     POST /scale        {"engines": N}                       Authorization: Bearer <token>
     POST /pause        (no body, or {})                     Authorization: Bearer <token>
-    POST /resume       (no body, or {})                     Authorization: Bearer <token>
+    POST /resume       (no body, {}, or {"steps": N})       Authorization: Bearer <token>
+                       with "steps": pause again once N more steps are done (a step at a time)
     POST /checkpoint   (no body, or {})                     Authorization: Bearer <token>
 
 The HTTP layer only checks, parses and forwards to a Controller. The driver's Controller is RunControl:
@@ -46,7 +47,7 @@ class Controller(Protocol):
     def status(self) -> dict: ...
     def scale(self, engines: int) -> dict: ...
     def pause(self) -> dict: ...
-    def resume(self) -> dict: ...
+    def resume(self, steps: int | None = None) -> dict: ...
     def checkpoint(self) -> dict: ...
 
 
@@ -69,12 +70,15 @@ class RunControl:
         self._status: dict = {"state": "starting"}
         self.paused = paused  # asked for: the loop stops at its next point between steps
         self._held = False  # the loop has stopped there (status "state": "paused")
+        self._steps_to_pause: int | None = None  # resume(steps=N): steps left before pausing again
 
     def status(self) -> dict:
         with self._lock:
             status = dict(self._status, paused=self.paused)
             if self._held:
                 status["state"] = "paused"
+            if self._steps_to_pause is not None:
+                status["steps_before_pause"] = self._steps_to_pause
             return status
 
     def scale(self, engines: int) -> dict:
@@ -90,12 +94,19 @@ class RunControl:
         return self._queue("scale", engines=engines)
 
     def pause(self) -> dict:
-        self.paused = True
+        with self._lock:
+            self.paused, self._steps_to_pause = True, None
         return {"accepted": True, "paused": True}
 
-    def resume(self) -> dict:
-        self.paused = False
-        return {"accepted": True, "paused": False}
+    def resume(self, steps: int | None = None) -> dict:
+        """Let the loop go on; with `steps`, it pauses again once that many more steps are done (the
+        step in flight, if any, counts): an operator looks at a run one step at a time, and a test puts
+        a fault between two given steps whatever the machine's speed."""
+        if steps is not None and steps < 1:
+            raise ValueError("steps must be >= 1")
+        with self._lock:
+            self.paused, self._steps_to_pause = False, steps
+        return {"accepted": True, "paused": False, **({"steps_before_pause": steps} if steps else {})}
 
     def checkpoint(self) -> dict:
         return self._queue("checkpoint")
@@ -116,6 +127,10 @@ class RunControl:
         }
         with self._lock:
             self._status = status
+            if self._steps_to_pause is not None:
+                self._steps_to_pause -= 1
+                if self._steps_to_pause == 0:
+                    self.paused, self._steps_to_pause = True, None
 
     def apply(self, scale: Callable[[int], Any], checkpoint: Callable[[], Path]) -> list[dict]:
         """Apply the queued requests: `scale(engines)` resizes the fleet, `checkpoint()` saves one and
@@ -216,6 +231,21 @@ def make_app(controller: Controller, token: str | None):
             raise HTTPException(422, 'body must be {"engines": N} with an integer N >= 1')
         return await call(controller.scale, engines)
 
+    resume_body = {"type": "object", "properties": {"steps": {"type": "integer", "minimum": 1}}}
+
+    @app.post(
+        "/resume", openapi_extra={"requestBody": {"content": {"application/json": {"schema": resume_body}}}}
+    )
+    async def resume(request: Request) -> JSONResponse:
+        check_token(request)
+        body = await json_body(request)
+        if not body:
+            return await call(controller.resume)
+        steps = body.get("steps")
+        if set(body) != {"steps"} or type(steps) is not int or steps < 1:
+            raise HTTPException(422, 'body must be empty or {"steps": N} with an integer N >= 1')
+        return await call(controller.resume, steps)
+
     def action(name: str):
         async def endpoint(request: Request) -> JSONResponse:
             check_token(request)
@@ -225,7 +255,7 @@ def make_app(controller: Controller, token: str | None):
 
         return endpoint
 
-    for name in ("pause", "resume", "checkpoint"):
+    for name in ("pause", "checkpoint"):
         app.post(f"/{name}")(action(name))
     return app
 

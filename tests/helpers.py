@@ -253,6 +253,32 @@ def pause_run(run_dir: Path, p: subprocess.Popen) -> tuple[str, dict[str, str]]:
     return url, auth
 
 
+def paused_after(
+    run_dir: Path, step: int | None, p: subprocess.Popen | None = None, timeout_s: float = 300.0
+) -> tuple[str, dict[str, str]]:
+    """Wait until the launch's loop holds paused with `step` done (None: before its first step, as
+    `control.start_paused` holds it); fail at once when `p` has exited, or when a launch that has no `p`
+    (a Ray job) has ended (RUN_DIR/timeline.jsonl is written at its end). Returns (url, auth header).
+
+    With `POST /resume {"steps": N}` this puts a fault between two given steps, however fast they are."""
+    import httpx
+
+    def held():
+        if p is None:
+            assert not (run_dir / "timeline.jsonl").exists(), "the run ended"
+        if not (run_dir / "control.json").exists():
+            return None
+        url, auth = control_auth(run_dir)
+        with contextlib.suppress(httpx.HTTPError):
+            status = httpx.get(f"{url}/status", timeout=10).json()
+            if status.get("state") == "paused" and status.get("step") == step:
+                return url, auth
+        return None
+
+    what = "the run paused before its first step" if step is None else f"the run paused after step {step}"
+    return wait_for(held if p is None else running(p, held), timeout_s=timeout_s, what=what, every_s=0.5)
+
+
 # ---------------------------------------------------------------- custom verifiers (run in a sandbox child)
 # The sandbox child imports these by path (`tests.helpers:custom_...`), exactly as a user's function.
 

@@ -74,11 +74,11 @@ class SmallController:
             self.paused = True
         return {"paused": True}
 
-    def resume(self) -> dict:
+    def resume(self, steps: int | None = None) -> dict:
         with self._lock:
             self.calls += 1
             self.paused = False
-        return {"paused": False}
+        return {"paused": False, "steps": steps}
 
     def checkpoint(self) -> dict:
         with self._lock:
@@ -186,7 +186,8 @@ def test_control_api_fuzzed_without_token_changes_nothing(control_api) -> None:
 
 @FUZZ_SETTINGS
 @given(
-    body=st.binary(max_size=MAX_BODY_BYTES + 64), path=st.sampled_from(["/scale", "/pause", "/checkpoint"])
+    body=st.binary(max_size=MAX_BODY_BYTES + 64),
+    path=st.sampled_from(["/scale", "/pause", "/resume", "/checkpoint"]),
 )
 def test_control_api_raw_bodies(control_api, body: bytes, path: str) -> None:
     url, _ = control_api

@@ -12,12 +12,13 @@ import json
 import subprocess
 import time
 
+import httpx
 import psutil
 import pytest
 
 from cluster.metrics import read_metrics
 from tests.cluster_sim import netns_available, sim_cluster
-from tests.helpers import REPO, duet_cmd, wait_for
+from tests.helpers import REPO, duet_cmd, paused_after
 
 pytestmark = [
     pytest.mark.integration,
@@ -89,6 +90,11 @@ def _replacements(run_dir) -> list[dict]:
     return found
 
 
+def _resume(url: str, auth: dict, body: dict) -> None:
+    r = httpx.post(f"{url}/resume", json=body, headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+
+
 def _follow(cluster, job_id: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         duet_cmd("logs", job_id, "-f", "--address", cluster.dashboard),
@@ -101,20 +107,23 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
 ):
     """One cluster, one run, two node losses (issue 12): the engine's node (its engine is placed again on
     the other engine node and the run goes on), then learner rank 0's node (the run stops naming the
-    last checkpoint and `--resume`; `duet submit --resume` finishes on the nodes left)."""
+    last checkpoint and `--resume`; `duet submit --resume` finishes on the nodes left). Each node dies
+    while the run is paused between two given steps (`control.start_paused`, `POST /resume {"steps": 1}`)."""
     nodes = [{"duet_engine": 4}, {"duet_learner": 4}, {"duet_engine": 4}, {"duet_learner": 4}]
     with sim_cluster(nodes) as cluster:
         run_dir = tmp_path / "run"
         t0 = time.monotonic()
-        # 16 steps: a fast machine runs several steps between seeing step 1 and the node's death, and
-        # the learner's node must still be killed mid-run, after the engine was placed again.
-        steps = 16
+        # Steps take about 0.1 s here once warm: each node dies while the run is paused between two
+        # given steps (the control API, served on the head's address so that this test reaches it).
+        steps = 4
         proc = _submit(
-            cluster, run_dir, model_cache, f"train.steps={steps}", "checkpoint.every_steps=2", wait=False
-        )
+            cluster, run_dir, model_cache, f"train.steps={steps}", "checkpoint.every_steps=1",
+            "control.enabled=true", "control.start_paused=true", f"control.host={cluster.head.address}",
+            wait=False,
+        )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         job_id = proc.stdout.splitlines()[0].strip()
-        _wait_steps(run_dir, 1)
+        url, auth = paused_after(run_dir, None, timeout_s=600)
         first = _actors(run_dir)
         doomed = cluster.node(first["engines"][0]["address"])
         assert doomed.name in ("worker1", "worker3")
@@ -122,19 +131,11 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
         assert engine_pid in cluster.pids(doomed), (engine_pid, cluster.pids(doomed))
         assert cluster.kill_node(doomed) > 0
         assert not psutil.pid_exists(engine_pid) or psutil.Process(engine_pid).status() == "zombie"
-        print(f"engine node {doomed.name} killed after step {_steps(run_dir)}")
-        # The engine placed again and a step recorded its replacement (a fast machine may be steps past
-        # the kill, or have placed the engine but not finished the step); then learner rank 0's node.
-        wait_for(
-            lambda: cluster.node(_actors(run_dir)["engines"][0]["address"]) is not doomed,
-            timeout_s=600, what="the engine placed again on another node", every_s=0.5,
-        )  # fmt: skip
-        wait_for(
-            lambda: _replacements(run_dir),
-            timeout_s=600,
-            what="a step that records engine_replaced",
-            every_s=0.5,
-        )
+        print(f"engine node {doomed.name} killed before step 1 ({time.monotonic() - t0:.0f} s)")
+        # Step 1 finds the engine gone and places it again on the other engine node; then the run pauses.
+        _resume(url, auth, {"steps": 1})
+        paused_after(run_dir, 1, timeout_s=600)
+        assert _replacements(run_dir), [m["events"] for m in read_metrics(run_dir)]
         mid = _actors(run_dir)
         survivor = cluster.node(mid["engines"][0]["address"])
         assert survivor.name in ("worker1", "worker3") and survivor is not doomed, mid
@@ -144,7 +145,8 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
         assert learner_pid in cluster.pids(learner_node), (learner_pid, cluster.pids(learner_node))
         assert cluster.kill_node(learner_node) > 0
         t_kill, killed_at = time.monotonic(), _steps(run_dir)
-        assert killed_at < steps, "the run ended before its learner's node was killed"
+        assert killed_at == 1, killed_at
+        _resume(url, auth, {})  # step 2 meets the dead learner
         stopped = _follow(cluster, job_id)
         print(f"learner node lost after step {killed_at}; the job ended "
               f"{time.monotonic() - t_kill:.0f} s after the kill ({time.monotonic() - t0:.0f} s in all)")  # fmt: skip

@@ -41,8 +41,8 @@ class Recorder:
         self._note("pause")
         return {"paused": True}
 
-    def resume(self) -> dict:
-        self._note("resume")
+    def resume(self, steps: int | None = None) -> dict:
+        self._note("resume", *([steps] if steps else []))
         return {"paused": False}
 
     def checkpoint(self) -> dict:
@@ -94,6 +94,17 @@ def test_scale_body_is_checked(served):
     r = httpx.post(f"{url}/scale", json={"engines": 9}, headers=auth())  # the controller says no
     assert r.status_code == 400 and "at most 8" in r.json()["detail"]
     assert httpx.post(f"{url}/pause", json={"now": True}, headers=auth()).status_code == 422
+    assert httpx.post(f"{url}/resume", json={"steps": 2}, headers=auth()).status_code == 200
+    assert controller.calls[-1] == ("resume", 2)
+    for bad in (
+        {"steps": 0},
+        {"steps": "1"},
+        {"steps": True},
+        {"steps": 1.5},
+        {"steps": 1, "x": 1},
+        {"x": 1},
+    ):
+        assert httpx.post(f"{url}/resume", json=bad, headers=auth()).status_code == 422, bad
 
 
 def test_large_body_is_refused(served):

@@ -1,7 +1,7 @@
 """A local `duet train` as a user sees it: the Ray dashboard in a real browser (headless Chromium),
 behind Ray's token, showing the run's driver and the duet actors; and the run's trackers.
 
-The run is paused through the control API while the browser looks, so the actors are alive; then it
+The run starts paused (`control.start_paused`) while the browser looks, so the actors are alive; then it
 resumes and finishes, and W&B (offline), MLflow (file store) and TensorBoard are read back.
 Screenshots go to DUET_TEST_ARTIFACTS (default: the test's tmp folder).
 """
@@ -82,6 +82,7 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
         duet_cmd(
             "train", "--run-dir", str(run), f"model.cache_dir={model_cache}", "train.steps=6",
             "rollout.prompts_per_step=8", "run.loggers=[tensorboard,wandb,mlflow]", "checkpoint.final=false",
+            "control.start_paused=true",
         ),
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True, start_new_session=True,
     )  # fmt: skip
@@ -93,11 +94,10 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
         url = info["url"]
         assert httpx.get(f"{url}/api/jobs/", timeout=10).status_code == 401  # the token guards it
 
-        # Hold the run between steps so that every actor is alive while the browser looks. control.json
-        # appears once every actor has started; tiny steps take a second or two, so pause at once.
+        # The run starts paused (control.start_paused), so every actor is alive while the browser looks;
+        # control.json appears once every actor has started.
         control = _wait(lambda: json.loads((run / "control.json").read_text()), 300, "control.json", proc)
         auth = {"Authorization": f"Bearer {control['token']}"}
-        assert httpx.post(f"{control['url']}/pause", headers=auth, timeout=10).status_code == 200
 
         browser = _browser()
         browser.get(url)

@@ -26,7 +26,7 @@ from tests.helpers import (
     engine_pid,
     kill_group,
     kill_leftovers,
-    pause_run,
+    paused_after,
     running,
     steps_done,
     vllm_process,
@@ -58,8 +58,8 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
     answers; the loop must notice by itself, by asking the core). Control requests are
     answered and applied while the only engine hangs; the run heals itself and finishes every step."""
     run = tmp_path / "run"
-    # Steps take about a second; the first launch is paused (so its checkpoint is of step 1 or 2) and the
-    # resumed one needs 4 steps for its faults.
+    # The first launch starts paused and runs one step, so its checkpoint is of step 1 however fast the
+    # steps are; the resumed launch needs steps left for its own faults.
     steps, per_step = 12, 8
     p = start(
         run,
@@ -71,16 +71,16 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
         "run.dashboard=false",  # start-up is much of this test's time; no fault here concerns these
         "run.ray_metrics=false",
         "rewards.num_workers=1",
+        "control.start_paused=true",
         model_cache=model_cache,
     )
     try:
-        wait_for(running(p, lambda: steps_done(run) >= 1), what="one step")
-        # Paused first, so the checkpoint is of an early step whatever the machine's load (steps take about
-        # a second): the resumed launch needs steps left for its own faults.
-        url, auth = pause_run(run, p)
-        assert httpx.post(f"{url}/checkpoint", headers=auth).status_code == 200
+        url, auth = paused_after(run, None, p)
+        assert httpx.post(f"{url}/resume", json={"steps": 1}, headers=auth).status_code == 200
+        paused_after(run, 1, p)
+        assert httpx.post(f"{url}/checkpoint", headers=auth).status_code == 200  # applied while paused
         [resume_step] = wait_for(running(p, lambda: checkpoint_steps(run)), what="the checkpoint asked for")
-        assert resume_step <= steps - 8, resume_step
+        assert resume_step == 1, resume_step
         dead_learner = json.loads((run / "actors.json").read_text())["learner"][0]
         os.kill(dead_learner, signal.SIGKILL)
         assert (
@@ -93,8 +93,9 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
     assert "learner rank died" in err and "last checkpoint:" in err and f"--resume {run}" in err
     assert steps_done(run) < steps  # the kill landed before the run was over
 
+    # Started paused too: each fault lands between two given steps, however fast the steps are.
     p = subprocess.Popen(
-        duet_cmd("train", "--resume", str(run)),
+        duet_cmd("train", "--resume", str(run), "control.start_paused=true"),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -108,19 +109,22 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
             running(p, lambda: json.loads((run / "actors.json").read_text())["learner"][0] != dead_learner),
             what="the resumed launch started",
         )
-        wait_for(running(p, lambda: steps_done(run) >= resume_step + 1), what="a step of the resumed launch")
+        url, auth = paused_after(run, None, p)
+        assert httpx.post(f"{url}/resume", json={"steps": 1}, headers=auth).status_code == 200
+        paused_after(run, resume_step + 1, p)
         first = engine_pid(run)
         leftovers += [first, *descendants(first)]
+        # The loop is paused; the producer generates ahead (up to the staleness bound) on its own.
         os.kill(vllm_process(first, "VLLM::EngineCore"), signal.SIGKILL)
+        assert httpx.post(f"{url}/resume", json={"steps": 2}, headers=auth).status_code == 200
         wait_for(
             running(p, lambda: engine_pid(run) not in (None, first)),
             what="the engine whose vLLM engine core died replaced",
         )
         second = engine_pid(run)
-        wait_for(running(p, lambda: steps_done(run) >= resume_step + 3), what="two more steps")
         # Paused, the loop waits between steps: the SIGSTOP cannot land inside a weight transfer (which
         # waits on the engines without a deadline).
-        url, auth = pause_run(run, p)
+        paused_after(run, resume_step + 3, p)
         leftovers += [second, *descendants(second)]
         # Its vLLM engine core stopped, as one stuck in a GPU collective: the actor answers, nothing comes.
         os.kill(vllm_process(second, "VLLM::EngineCore"), signal.SIGSTOP)

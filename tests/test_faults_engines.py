@@ -16,6 +16,7 @@ import json
 import os
 import signal
 
+import httpx
 import pytest
 
 from cluster.metrics import read_metrics
@@ -24,6 +25,7 @@ from tests.helpers import (
     engine_pid,
     kill_group,
     kill_leftovers,
+    paused_after,
     running,
     start_train,
     steps_done,
@@ -63,16 +65,22 @@ def test_dead_engine_actor_vllm_worker_and_reward_worker_are_replaced(tmp_path, 
         "run.progress=false",
         "run.dashboard=false",  # start-up is most of this test's time; no fault here concerns these two
         "run.ray_metrics=false",
+        "control.start_paused=true",
         model_cache=model_cache,
     )
     orphans: list[int] = []
     try:
+        # Three steps, then the loop holds again: the kills land in step 3 or just after it, never after the
+        # run's last step, however fast the steps are.
+        url, auth = paused_after(run, None, p)
+        assert httpx.post(f"{url}/resume", json={"steps": 3}, headers=auth).status_code == 200
         wait_for(running(p, lambda: steps_done(run) >= 2), what="two steps")
         first, other = engine_pid(run, 0), engine_pid(run, 1)
         orphans += [*descendants(first), *descendants(other)]
         os.kill(vllm_process(other, "VLLM::Worker"), signal.SIGKILL)
         os.kill(first, signal.SIGKILL)
         os.kill(json.loads((run / "actors.json").read_text())["reward_workers"][0], signal.SIGKILL)
+        assert httpx.post(f"{url}/resume", headers=auth).status_code == 200
         wait_for(
             running(
                 p, lambda: engine_pid(run, 0) not in (None, first) and engine_pid(run, 1) not in (None, other)

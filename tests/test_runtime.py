@@ -134,3 +134,31 @@ def test_control_requests_are_applied_between_steps():
     held.resume()
     waiter.join(timeout=5)
     assert not waiter.is_alive()
+
+
+def test_resume_for_some_steps_pauses_again_after_them():
+    """POST /resume {"steps": N}: the loop runs N more steps, then holds at the next point between steps."""
+    control, noop = RunControl("runs/x", paused=True), (lambda *_: None)
+    assert control.resume(steps=2) == {"accepted": True, "paused": False, "steps_before_pause": 2}
+    assert control.status()["steps_before_pause"] == 2
+    for step in (1, 2):
+        assert control.apply(noop, noop) == []  # not held: the step runs
+        control.publish(step, 5, step, {0: step}, {"step": step})
+    assert control.status()["paused"] and "steps_before_pause" not in control.status()
+    waiter = threading.Thread(target=control.apply, args=(noop, noop), daemon=True)
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and control.status()["state"] == "paused" and control.status()["step"] == 2
+    control.resume()  # a plain resume runs on with no count
+    waiter.join(timeout=5)
+    assert not waiter.is_alive()
+    control.publish(3, 5, 3, {0: 3}, {"step": 3})
+    assert not control.status()["paused"]
+    control.resume(steps=3)
+    control.pause()  # a pause now drops the count
+    assert "steps_before_pause" not in control.status()
+    control.resume()
+    control.publish(4, 5, 4, {0: 4}, {"step": 4})
+    assert not control.status()["paused"]
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        control.resume(steps=0)

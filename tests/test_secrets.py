@@ -10,10 +10,11 @@ import secrets
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cluster.cli import main as duet_main
-from tests.helpers import REPO, duet_cmd, kill_group, running, steps_done, wait_for
+from tests.helpers import REPO, duet_cmd, kill_group, paused_after
 
 
 @pytest.mark.parametrize("field", ["control.token", "rewards.remote_token"])
@@ -70,6 +71,7 @@ def test_planted_tokens_leak_nowhere(tmp_path, model_cache, tiny_model):
             "rollout.prompts_per_step=8",
             "run.progress=false",
             f"control.token_file={token_file}",
+            "control.start_paused=true",  # looked at after step 1, held there: every actor is alive
         ),
         cwd=REPO,
         env=env,
@@ -80,16 +82,23 @@ def test_planted_tokens_leak_nowhere(tmp_path, model_cache, tiny_model):
     )
     planted = [t.encode() for t in (control_token, reward_token, unused_token)]
     try:
-        wait_for(running(p, lambda: steps_done(run) >= 1), what="one step")  # every actor is up
-        driver = json.loads((run / "actors.json").read_text())["driver"]
+        url, auth = paused_after(run, None, p)
+        assert httpx.post(f"{url}/resume", json={"steps": 1}, headers=auth).status_code == 200
+        paused_after(run, 1, p)
+        actors = json.loads((run / "actors.json").read_text())
+        driver, seen = actors["driver"], _processes()
+        # The scan sees the run's processes (a scan after the run ended would find nothing to leak).
+        live = [actors["engines"][0]["pid"], actors["learner"][0], *actors["reward_workers"]]
+        assert all(pid in seen for pid in [driver, *live]), (live, driver)
         leaks = []
-        for pid, (cmdline, environ) in _processes().items():
+        for pid, (cmdline, environ) in seen.items():
             for token in planted:
                 if token in cmdline:
                     leaks.append(f"pid {pid} command line: {cmdline[:200]!r}")
                 if token in environ and pid != driver:
                     leaks.append(f"pid {pid} environment ({cmdline[:120]!r})")
         assert not leaks, leaks
+        assert httpx.post(f"{url}/resume", headers=auth).status_code == 200
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     finally:
