@@ -238,21 +238,6 @@ def control_auth(run_dir: Path) -> tuple[str, dict[str, str]]:
     return control["url"], {"Authorization": f"Bearer {control['token']}"}
 
 
-def pause_run(run_dir: Path, p: subprocess.Popen) -> tuple[str, dict[str, str]]:
-    """Pause the running launch and wait until its loop has stopped between steps (/status says
-    "state": "paused"), nothing of the loop's in flight. Returns (url, auth header) for what follows."""
-    import httpx
-
-    url, auth = control_auth(run_dir)
-    assert httpx.post(f"{url}/pause", headers=auth).status_code == 200
-    wait_for(
-        running(p, lambda: httpx.get(f"{url}/status").json()["state"] == "paused"),
-        timeout_s=120,
-        what="the loop paused",
-    )
-    return url, auth
-
-
 def paused_after(
     run_dir: Path, step: int | None, p: subprocess.Popen | None = None, timeout_s: float = 300.0
 ) -> tuple[str, dict[str, str]]:

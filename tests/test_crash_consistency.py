@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from cluster.config import load_config
 from cluster.data import PromptStream, load_prompts
 from cluster.metrics import read_metrics
-from tests.helpers import REPO, duet_cmd, kill_group, pause_run, running, start_train, steps_done, wait_for
+from tests.helpers import REPO, duet_cmd, kill_group, paused_after, running, start_train, steps_done, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -171,8 +171,7 @@ def launch_and_kill_the_learner(run: Path, model_cache: Path) -> tuple[int, str]
     try:
         # control.json is written once the launch has started and loaded its checkpoint
         wait_for(running(p, lambda: (run / "control.json").read_text() != stale), what="the launch started")
-        url, auth = pause_run(run, p)  # paused already: waits until the loop holds
-        assert httpx.get(f"{url}/status").json().get("step") is None, "a step ran before the pause held"
+        url, auth = paused_after(run, None, p)  # held before its first step
         os.kill(json.loads((run / "actors.json").read_text())["learner"][0], signal.SIGKILL)
         assert httpx.post(f"{url}/resume", headers=auth).status_code == 200  # the next step meets it
         _, err = p.communicate(timeout=300)
