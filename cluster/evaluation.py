@@ -140,7 +140,7 @@ def _pick_field(rows: list[dict], wanted: str, aliases: Sequence[str], what: str
             return alias
     raise DatasetError(
         f"{origin}: no row has the {what} field {wanted!r} (nor any of {list(aliases)}); "
-        f"row 0 has {sorted(rows[0])}"
+        f"the first row has {sorted(rows[0])}"
     )
 
 
@@ -161,6 +161,7 @@ def prompts_from_rows(
 ) -> list[Prompt]:
     """Validate rows (resolving field aliases) and turn them into prompts; bad rows raise DatasetError."""
     fields = fields or DatasetFields()
+    places = getattr(rows, "places", None)  # where each row is in its file (read_rows), for messages
     resolved = DatasetFields(
         problem_field=_pick_field(rows, fields.problem_field, PROBLEM_ALIASES, "problem", origin),
         answer_field=_pick_field(rows, fields.answer_field, ANSWER_ALIASES, "answer", origin),
@@ -175,7 +176,7 @@ def prompts_from_rows(
         for r in rows
     ]
     try:
-        prompts = rows_to_prompts(rows, resolved, prompt_template, origin=origin)
+        prompts = rows_to_prompts(rows, resolved, prompt_template, origin=origin, places=places)
     except (KeyError, IndexError, ValueError) as e:
         if isinstance(e, DatasetError):
             raise

@@ -85,9 +85,6 @@ class LearnerRank:
         self.ref_head = None
         self.sender = None
 
-    def node_address(self) -> str:
-        return _node_address()
-
     def open_endpoint(self, timeout_s: float = 600.0) -> tuple[str, int]:
         """Rank 0: bind the process group's store on this node (a port the OS picks, so nothing can take
         it between choosing and binding) and return (this node's address, that port)."""
