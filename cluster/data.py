@@ -140,9 +140,7 @@ def rows_to_prompts(
         try:
             text = prompt_template.format(problem=problem)
         except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise DatasetError(
-                f"data.prompt_template cannot be applied to {where}: {e}"
-            ) from None
+            raise DatasetError(f"data.prompt_template cannot be applied to {where}: {e}") from None
         prompts.append(
             Prompt(index=i, text=text, answer=str(answer), source=str(row.get(fields.source_field, "")))
         )

@@ -351,7 +351,7 @@ def eval_main(argv: list[str]) -> int:
     import ray
 
     from cluster.fleet import RolloutFleet
-    from cluster.placement import make_plan
+    from cluster.preflight import PreflightError, check_plan
     from rewards.pool import RewardPool
 
     sampling, n = cfg.eval.sampling(), cfg.eval.samples_per_prompt
@@ -359,7 +359,17 @@ def eval_main(argv: list[str]) -> int:
     init_ray(cfg)
     fleet = pool = None
     try:
-        fleet = RolloutFleet(cfg, make_plan(cfg), model_path)
+        # The plan from the cluster's resources, as `duet train` makes it: run.device=auto means the
+        # cluster's GPUs (the driver's own torch may see none on a head node), and a plan the cluster
+        # cannot hold fails now, naming what is missing.
+        try:
+            plan, warnings = check_plan(cfg, connected=True, with_learner=False)
+        except PreflightError as e:
+            print(f"duet eval: {e}", file=sys.stderr)
+            return 2
+        for w in warnings:
+            print(f"duet eval: {w}", file=sys.stderr)
+        fleet = RolloutFleet(cfg, plan, model_path)
         pool = RewardPool(cfg.rewards)
         fleet.start(cfg.rollout.num_engines)
         print(
