@@ -351,6 +351,7 @@ def eval_main(argv: list[str]) -> int:
     import ray
 
     from cluster.fleet import RolloutFleet
+    from cluster.naming import run_scope
     from cluster.preflight import PreflightError, check_plan
     from rewards.pool import RewardPool
 
@@ -369,8 +370,9 @@ def eval_main(argv: list[str]) -> int:
             return 2
         for w in warnings:
             print(f"duet eval: {w}", file=sys.stderr)
-        fleet = RolloutFleet(cfg, plan, model_path)
-        pool = RewardPool(cfg.rewards)
+        scope = run_scope("eval")  # the actors' Ray names (cluster/naming.py)
+        fleet = RolloutFleet(cfg, plan, model_path, name_scope=scope)
+        pool = RewardPool(cfg.rewards, name_scope=scope)
         fleet.start(cfg.rollout.num_engines)
         print(
             f"duet eval: {len(prompts)} problems × {n} samples on {cfg.rollout.num_engines} engine(s), "

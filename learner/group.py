@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import Config
 from cluster.liveness import DEAD, poll
+from cluster.naming import SlotNames, run_scope
 from cluster.records import ScoredGroup
 from learner.advantages import compute_advantages
 from learner.losses import overlong_adjust
@@ -63,13 +64,17 @@ class LearnerGroup:
         threads: int | None = None,
         bundle_offset: int = 0,
         gpus_per_rank: float = 0.0,
+        name_scope: str | None = None,
     ) -> None:
         """`gpus_per_rank`: what each rank holds of its bundle's GPUs, the plan's `learner_gpus()` (half of
-        one when the learner shares its GPU with the engine; none on CPU)."""
+        one when the learner shares its GPU with the engine; none on CPU). `name_scope`: the prefix of
+        the ranks' Ray names, the run's (cluster/naming.py)."""
         self.cfg = cfg
         k = cfg.learner.num_ranks
+        names = SlotNames(name_scope or run_scope(), "learner-rank")  # a rank started again counts up
         self.workers = [
             LearnerWorker.options(
+                name=names.next(rank)[0],
                 num_cpus=1,
                 num_gpus=gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
