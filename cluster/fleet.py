@@ -54,7 +54,6 @@ class RolloutFleet:
         env.update(VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
         pg = placement_group([bundle])
         wait_placed(pg, self.cfg.cluster.placement_timeout_s, f"RolloutEngine {i}")
-        r = self.cfg.rollout
         engine = RolloutEngine.options(
             num_cpus=bundle.get("CPU", 1),
             # The actor holds all its bundle's GPUs: a tensor-parallel engine's mp workers inherit its
@@ -63,20 +62,27 @@ class RolloutFleet:
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
             runtime_env={"env_vars": env},
             max_concurrency=64,
-        ).remote(
-            i,
-            self.model_path,
-            dtype=self.cfg.model.dtype,
-            max_model_len=r.max_model_len,
-            tensor_parallel_size=self.plan.tensor_parallel_size,
-            distributed_executor_backend=self.plan.engine_executor,
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            enforce_eager=r.enforce_eager,
-            seed=self.cfg.run.seed + i,
-            weight_transfer_backend=self.plan.weight_transfer,
-            initial_version=version,
-        )
+        ).remote(i, self.model_path, **self.engine_kwargs(i, version))
         return i, engine, pg
+
+    def engine_kwargs(self, i: int, version: int) -> dict:
+        """RolloutEngine's settings for engine `i`, starting at policy `version`."""
+        r = self.cfg.rollout
+        return {
+            "dtype": self.cfg.model.dtype,
+            "max_model_len": r.max_model_len,
+            "tensor_parallel_size": self.plan.tensor_parallel_size,
+            "distributed_executor_backend": self.plan.engine_executor,
+            "gpu_memory_utilization": r.gpu_memory_utilization,
+            "enforce_eager": r.enforce_eager,
+            "seed": self.cfg.run.seed + i,
+            "weight_transfer_backend": self.plan.weight_transfer,
+            "initial_version": version,
+            # On GPUs a predecessor's memory may not be free yet (actors/gpu_memory.py); CPUs have no such wait.
+            "gpu_memory_wait_s": r.gpu_memory_wait_s
+            if self.plan.device == "cuda" and r.gpu_memory_wait_s
+            else None,
+        }
 
     def start(self, n: int, version: int = 0) -> None:
         self.launch(n, version)
