@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from cluster.config import Config
+from learner.build_locks import orphaned_build_locks_removed
 
 
 def _pad(rows: list[list[int]], value: float | int, dtype) -> torch.Tensor:
@@ -129,7 +130,9 @@ class LearnerRank:
         torch.distributed.init_process_group(
             backend, store=self.store, rank=self.rank, world_size=self.world_size, timeout=timeout
         )
-        deepspeed.init_distributed(dist_backend=backend)  # adopts the group above
+        # Loading DeepSpeed's ops can wait forever on a build lock left by a killed process (learner/build_locks.py).
+        with orphaned_build_locks_removed():
+            deepspeed.init_distributed(dist_backend=backend)  # adopts the group above
         learner, dtype = self.learner, self.cfg.model.dtype
         zero: dict[str, Any] = {"stage": learner.zero_stage}
         if learner.zero_stage == 3:
@@ -153,9 +156,10 @@ class LearnerRank:
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
-        self.engine, *_ = deepspeed.initialize(
-            model=self.model, model_parameters=self.model.parameters(), config=ds_config
-        )
+        with orphaned_build_locks_removed():
+            self.engine, *_ = deepspeed.initialize(
+                model=self.model, model_parameters=self.model.parameters(), config=ds_config
+            )
         if self.algo.kl_coef > 0:  # β = 0 loads no reference model at all
             from transformers import AutoModelForCausalLM
 
