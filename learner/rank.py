@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from cluster.config import Config
+from learner.build_locks import orphaned_build_locks_removed
 
 # The size of a shard of the Hugging Face export: the most rank 0 holds while it writes one (export_hf).
 EXPORT_SHARD_BYTES = 256 << 20
@@ -190,13 +191,16 @@ class LearnerRank:
         torch.distributed.init_process_group(
             backend, store=self.store, rank=self.rank, world_size=self.world_size, timeout=timeout
         )
-        deepspeed.init_distributed(dist_backend=backend)  # adopts the group above
+        # Loading DeepSpeed's ops can wait forever on a build lock left by a killed process (learner/build_locks.py).
+        with orphaned_build_locks_removed():
+            deepspeed.init_distributed(dist_backend=backend)  # adopts the group above
         ds_config = self.deepspeed_config()
         if self.model is None:
             self._load_policy(ds_config)
-        self.engine, *_ = deepspeed.initialize(
-            model=self.model, model_parameters=self.model.parameters(), config=ds_config
-        )
+        with orphaned_build_locks_removed():
+            self.engine, *_ = deepspeed.initialize(
+                model=self.model, model_parameters=self.model.parameters(), config=ds_config
+            )
         if self.algo.kl_coef > 0:  # β = 0 loads no reference model at all
             from transformers import AutoModelForCausalLM
 
