@@ -30,6 +30,12 @@ class ReplayQueue:
         self.take_version: int | None = None
         self.taken_at_version = 0
 
+    def __repr__(self) -> str:  # the Ray dashboard's Repr column
+        return (
+            f"ReplayQueue(capacity {self.capacity} groups, max staleness {self.max_staleness} versions, "
+            f"{'drops' if self.filter_tied else 'keeps'} tied groups)"
+        )
+
     def node(self) -> str:
         """The Ray node id this queue runs on (actors.json: the driver's node, see RunActors.start)."""
         return ray.get_runtime_context().get_node_id()

@@ -73,6 +73,7 @@ class RolloutEngine:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         self.engine_id = engine_id
         self.version = initial_version
+        self.node = ray.util.get_node_ip_address()
         self.in_flight = 0
         self.update_active = False  # between start_weight_update and finish_weight_update
         self.paused_for_update = False  # the scheduler was paused for it (requests were in flight)
@@ -111,6 +112,9 @@ class RolloutEngine:
                 label=f"RolloutEngine {engine_id}",
             )
         self.engine = AsyncLLM.from_engine_args(args)
+
+    def __repr__(self) -> str:  # the Ray dashboard's Repr column: Ray takes it once, after __init__
+        return f"RolloutEngine(engine {self.engine_id}, started at version {self.version}, node {self.node})"
 
     def ready(self) -> dict:
         return {

@@ -103,10 +103,6 @@ def load_checkpoint(checkpoint: Path, learner: Any) -> dict:
     return learner.load_checkpoint(str(checkpoint / "deepspeed"), _TAG)
 
 
-def read_driver_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "driver_state.json").read_text())
-
-
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Keep the metrics of steps up to `step` (the checkpoint we resume from): later ones will be
     recomputed. A last line cut short by a crash is dropped. The file is replaced atomically (written

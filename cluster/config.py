@@ -372,6 +372,14 @@ class LearnerConfig(_Section):
         "from the second on, the ratio to the policy that generated the batch moves and the clip binds. "
         "1 = the paper's setting (one update per batch, ratio 1).",
     )
+    grad_accum_dtype: Literal["float32", "model"] = Field(
+        "float32",
+        description="dtype a step's gradients are summed in over its micro-batches when model.dtype is "
+        "bfloat16 or float16 (DeepSpeed's data_types.grad_accum_dtype). float32: exact sums, 4 bytes per "
+        "parameter (divided over the ranks at ZeRO-2/3); needs learner.zero_stage >= 1 (DeepSpeed 0.19.8 has "
+        "no such path without ZeRO). model: in the model's dtype, 2 bytes, each addition rounded to it. "
+        "float32 models always accumulate in float32.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     cpu_affinity: str | None = Field(
         None,
@@ -567,6 +575,15 @@ class ClusterConfig(_Section):
         "join two ranks on one GPU. A run that resolves to CPU places as usual (the limits above still apply).",
     )
 
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0.0,
+        description="Memory of the GPU a colocated run shares (cluster.colocate), in GiB, for the check that "
+        "the learner (weights, gradients and AdamW state at its ZeRO stage and dtype) plus vLLM's "
+        "rollout.gpu_memory_utilization fit it. None: read at start from a GPU of the cluster (preflight); "
+        "set it when no GPU node is up yet (an autoscaling cluster).",
+    )
+
     @model_validator(mode="after")
     def _resources(self) -> ClusterConfig:
         for name in ("engine_resources", "learner_resources"):
@@ -611,6 +628,15 @@ class Config(_Section):
             )
         if self.cluster.colocate:
             self._check_colocate()
+        half = self.model.dtype != "float32"
+        if half and self.learner.grad_accum_dtype == "float32" and self.learner.zero_stage == 0:
+            raise ValueError(
+                f"learner.grad_accum_dtype=float32 with model.dtype={self.model.dtype} needs "
+                "learner.zero_stage >= 1: DeepSpeed 0.19.8 cannot sum half-precision gradients in float32 "
+                "without ZeRO (with one rank ZeRO-2 partitions nothing and costs the same memory). Set "
+                "learner.zero_stage=2, or learner.grad_accum_dtype=model to accumulate in "
+                f"{self.model.dtype}"
+            )
         return self
 
     def _check_colocate(self) -> None:

@@ -1,7 +1,8 @@
 """Datasets: the synthetic arithmetic task and JSONL/Parquet files of problems.
 
 Rows are validated when the dataset is loaded, before any actor starts: a row without a problem or
-an answer is reported with its index.
+an answer is reported where a person finds it: the line of a JSONL file as an editor counts it (from 1,
+blank lines included), the row index of a Parquet file (from 0, as pyarrow and pandas show it).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from cluster.config import DataConfig, DatasetFields
@@ -34,9 +36,23 @@ def shown(path: str | Path) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Read a JSONL or Parquet file as a list of dicts (the layouts MATH-500, AMC, AIME ship in).
-    Rows are numbered from 0 over the non-blank lines, the same numbers the row checks use."""
+class Rows(list):
+    """A file's rows (dicts), each with `places[i]`: where row i is in the file, for messages
+    ("line 7 of data.jsonl", "row index 6 (from 0) of data.parquet")."""
+
+    def __init__(self, rows: list[dict], places: list[str]) -> None:
+        super().__init__(rows)
+        self.places = places
+
+
+def row_place(i: int, origin: str, places: Sequence[str] | None = None) -> str:
+    """Where row i is, for a message: its place in the file when known, else its index in `origin`."""
+    return places[i] if places is not None else f"row index {i} (from 0) of {origin}"
+
+
+def read_rows(path: str | Path) -> Rows:
+    """Read a JSONL or Parquet file as a list of dicts (the layouts MATH-500, AMC, AIME ship in). Blank
+    lines of a JSONL file are skipped; every message names the line as an editor counts it (from 1)."""
     path = Path(path)
     name = shown(path)
     if not path.exists():
@@ -48,32 +64,35 @@ def read_rows(path: str | Path) -> list[dict]:
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            table = pq.read_table(path).to_pylist()
+            return Rows(table, [f"row index {i} (from 0) of {name}" for i in range(len(table))])
         except (pa.ArrowException, OSError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DatasetError(
                 f"{name} is not a readable Parquet file ({first}); write it again or use JSONL"
             ) from None
-    rows = []
+    rows, places = [], []
     with path.open("rb") as f:
-        for i, raw in enumerate(line for line in f if line.strip()):
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"line {number} of {name}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DatasetError(
-                    f"row {i} of {name} is not UTF-8 text (byte {e.start} of the row); convert the file "
+                    f"{where} is not UTF-8 text (byte {e.start} of the line); convert the file "
                     "to UTF-8 (e.g. iconv -t UTF-8)"
                 ) from None
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DatasetError(
-                    f"row {i} of {name} is not valid JSON ({e.msg}); one object per line"
-                ) from None
+                raise DatasetError(f"{where} is not valid JSON ({e.msg}); one object per line") from None
             if not isinstance(row, dict):
-                raise DatasetError(f"row {i} of {name} is not a JSON object (one object per line)")
+                raise DatasetError(f"{where} is not a JSON object (one object per line)")
             rows.append(row)
-    return rows
+            places.append(where)
+    return Rows(rows, places)
 
 
 def _text(value: object) -> bool:
@@ -90,33 +109,38 @@ def _answer(value: object) -> bool:
 
 
 def rows_to_prompts(
-    rows: list[dict], fields: DatasetFields, prompt_template: str, origin: str = "dataset"
+    rows: list[dict],
+    fields: DatasetFields,
+    prompt_template: str,
+    origin: str = "dataset",
+    places: Sequence[str] | None = None,
 ) -> list[Prompt]:
-    """Validate every row and apply the prompt template; fail on the first bad row, naming it."""
+    """Validate every row and apply the prompt template; fail on the first bad row, naming where it is
+    (`places`, default: the rows' own when `read_rows` read them)."""
+    places = places if places is not None else getattr(rows, "places", None)
     prompts = []
     for i, row in enumerate(rows):
+        where = row_place(i, origin, places)
         if not isinstance(row, dict):
-            raise DatasetError(f"row {i} of {origin} is not a mapping of fields")
+            raise DatasetError(f"{where} is not a mapping of fields")
         problem = row.get(fields.problem_field)
         answer = row.get(fields.answer_field)
         if not _text(problem):
             what = "has no" if problem is None or problem == "" else "has a non-text or blank"
             raise DatasetError(
-                f"row {i} of {origin} {what} {fields.problem_field!r} field (the problem text); fix the "
+                f"{where} {what} {fields.problem_field!r} field (the problem text); fix the "
                 "row or set data.problem_field"
             )
         if not _answer(answer):
             what = "has no" if answer is None or answer == "" else "has an unusable"
             raise DatasetError(
-                f"row {i} of {origin} {what} {fields.answer_field!r} field (the reference answer: text or "
+                f"{where} {what} {fields.answer_field!r} field (the reference answer: text or "
                 "a number); fix the row or set data.answer_field"
             )
         try:
             text = prompt_template.format(problem=problem)
         except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise DatasetError(
-                f"data.prompt_template cannot be applied to row {i} of {origin}: {e}"
-            ) from None
+            raise DatasetError(f"data.prompt_template cannot be applied to {where}: {e}") from None
         prompts.append(
             Prompt(index=i, text=text, answer=str(answer), source=str(row.get(fields.source_field, "")))
         )

@@ -140,7 +140,7 @@ def _pick_field(rows: list[dict], wanted: str, aliases: Sequence[str], what: str
             return alias
     raise DatasetError(
         f"{origin}: no row has the {what} field {wanted!r} (nor any of {list(aliases)}); "
-        f"row 0 has {sorted(rows[0])}"
+        f"the first row has {sorted(rows[0])}"
     )
 
 
@@ -161,6 +161,7 @@ def prompts_from_rows(
 ) -> list[Prompt]:
     """Validate rows (resolving field aliases) and turn them into prompts; bad rows raise DatasetError."""
     fields = fields or DatasetFields()
+    places = getattr(rows, "places", None)  # where each row is in its file (read_rows), for messages
     resolved = DatasetFields(
         problem_field=_pick_field(rows, fields.problem_field, PROBLEM_ALIASES, "problem", origin),
         answer_field=_pick_field(rows, fields.answer_field, ANSWER_ALIASES, "answer", origin),
@@ -175,7 +176,7 @@ def prompts_from_rows(
         for r in rows
     ]
     try:
-        prompts = rows_to_prompts(rows, resolved, prompt_template, origin=origin)
+        prompts = rows_to_prompts(rows, resolved, prompt_template, origin=origin, places=places)
     except (KeyError, IndexError, ValueError) as e:
         if isinstance(e, DatasetError):
             raise
@@ -350,7 +351,8 @@ def eval_main(argv: list[str]) -> int:
     import ray
 
     from cluster.fleet import RolloutFleet
-    from cluster.placement import make_plan
+    from cluster.naming import run_scope
+    from cluster.preflight import PreflightError, check_plan
     from rewards.pool import RewardPool
 
     sampling, n = cfg.eval.sampling(), cfg.eval.samples_per_prompt
@@ -358,8 +360,19 @@ def eval_main(argv: list[str]) -> int:
     init_ray(cfg)
     fleet = pool = None
     try:
-        fleet = RolloutFleet(cfg, make_plan(cfg), model_path)
-        pool = RewardPool(cfg.rewards)
+        # The plan from the cluster's resources, as `duet train` makes it: run.device=auto means the
+        # cluster's GPUs (the driver's own torch may see none on a head node), and a plan the cluster
+        # cannot hold fails now, naming what is missing.
+        try:
+            plan, warnings = check_plan(cfg, connected=True, with_learner=False)
+        except PreflightError as e:
+            print(f"duet eval: {e}", file=sys.stderr)
+            return 2
+        for w in warnings:
+            print(f"duet eval: {w}", file=sys.stderr)
+        scope = run_scope("eval")  # the actors' Ray names (cluster/naming.py)
+        fleet = RolloutFleet(cfg, plan, model_path, name_scope=scope)
+        pool = RewardPool(cfg.rewards, name_scope=scope)
         fleet.start(cfg.rollout.num_engines)
         print(
             f"duet eval: {len(prompts)} problems × {n} samples on {cfg.rollout.num_engines} engine(s), "

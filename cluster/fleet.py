@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.rollout_engine import RolloutEngine
 from cluster.config import Config, SamplingConfig
 from cluster.liveness import DEAD, FAILED, SILENT, await_ready, poll
+from cluster.naming import actor_name, run_scope
 from cluster.placement import Plan
 from cluster.preflight import PreflightError, wait_placed
 from cluster.records import Completion, Prompt
@@ -31,8 +32,10 @@ WAIT_NOTE_S = 60.0
 
 
 class RolloutFleet:
-    def __init__(self, cfg: Config, plan: Plan, model_path: str) -> None:
+    def __init__(self, cfg: Config, plan: Plan, model_path: str, name_scope: str | None = None) -> None:
+        """`name_scope`: the prefix of the engines' Ray names, the run's (cluster/naming.py)."""
         self.cfg, self.plan, self.model_path = cfg, plan, model_path
+        self.scope = name_scope or run_scope()
         self.engines: list = []
         self.groups: list = []  # one placement group per engine
         self.ids: list[int] = []
@@ -56,6 +59,7 @@ class RolloutFleet:
         pg = placement_group([bundle])
         wait_placed(pg, self.cfg.cluster.placement_timeout_s, f"RolloutEngine {i}")
         engine = RolloutEngine.options(
+            name=actor_name(self.scope, "engine", i),  # ids are never reused: a replacement has its own
             num_cpus=bundle.get("CPU", 1),
             # The actor holds all its bundle's GPUs: a tensor-parallel engine's mp workers inherit its
             # CUDA_VISIBLE_DEVICES (an actor with none would see, and use, the node's first GPUs).

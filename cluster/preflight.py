@@ -22,7 +22,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import Config
-from cluster.placement import Plan, make_plan, ray_cpus_needed
+from cluster.placement import COLOCATED_SHARE, Plan, make_plan, ray_cpus_needed
 
 
 class PreflightError(RuntimeError):
@@ -123,13 +123,18 @@ def shortfalls(plan: Plan, nodes: list[Node]) -> list[str]:
     return lines
 
 
-def check_plan(cfg: Config, connected: bool | None = None) -> tuple[Plan, list[str]]:
+def check_plan(
+    cfg: Config, connected: bool | None = None, with_learner: bool = True
+) -> tuple[Plan, list[str]]:
     """The plan, resolved against the cluster (or the local machine when no Ray is connected), and
-    the warnings. Raises PreflightError when the cluster cannot hold it (a warning with autoscaling)."""
+    the warnings. Raises PreflightError when the cluster cannot hold it (a warning with autoscaling).
+    `with_learner=False`: the engines alone (`duet eval`)."""
     connected = ray.is_initialized() if connected is None else connected
     nodes = cluster_nodes() if connected else local_nodes(cfg)
     gpus = sum(n.resources.get("GPU", 0.0) for n in nodes)
     plan = make_plan(cfg, cluster_gpus=gpus)
+    if not with_learner:
+        plan.learner_bundles = []
     problems = shortfalls(plan, nodes)
     if problems and not cfg.cluster.autoscaling:
         where = "the Ray cluster" if connected else "this machine (a local Ray)"
@@ -150,7 +155,58 @@ def check_plan(cfg: Config, connected: bool | None = None) -> tuple[Plan, list[s
             "when the cluster adds nodes on demand."
         )
     warnings = [f"waiting for the autoscaler: {p}" for p in problems]
+    if plan.colocated and with_learner:
+        warnings += check_colocated_memory(cfg, connected)
     return plan, warnings
+
+
+@ray.remote(num_cpus=0)
+def _gpu_memory_bytes() -> int | None:
+    """On a GPU node (scheduled with the colocated share of a GPU): the memory of the GPU Ray gave it."""
+    try:
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+    except Exception:  # no CUDA build, a driver problem: the caller says the check did not run
+        return None
+
+
+def gpu_memory_bytes(connected: bool, timeout_s: float = 60.0) -> int | None:
+    """The memory of a GPU the colocated run would share: read on a GPU node of the cluster (a task holding
+    the colocated share of a GPU), or on this machine when no Ray is connected. None: no GPU answered."""
+    if not connected:
+        try:
+            import torch
+
+            return (
+                int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+            )
+        except Exception:
+            return None
+    ref = _gpu_memory_bytes.options(num_gpus=COLOCATED_SHARE).remote()
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+        ray.cancel(ref, force=True)
+        return None
+
+
+def check_colocated_memory(cfg: Config, connected: bool) -> list[str]:
+    """A colocated plan whose learner and engine cannot fit the GPU fails here, with the numbers
+    (cluster/memory_plan.py); returns a warning when the GPU's memory could not be read."""
+    from cluster.memory_plan import GIB, colocated_shortfall, count_parameters
+
+    gib = cfg.cluster.gpu_memory_gib
+    gpu = int(gib * GIB) if gib is not None else gpu_memory_bytes(connected)
+    if gpu is None:
+        return [
+            "cluster.colocate: no GPU answered with its memory, so whether the learner and vLLM fit it was not "
+            "checked; set cluster.gpu_memory_gib to check it"
+        ]
+    problem = colocated_shortfall(cfg, count_parameters(cfg.model.path), gpu)
+    if problem:
+        raise PreflightError(problem)
+    return []
 
 
 def wait_placed(pg: PlacementGroup, timeout_s: float, what: str) -> None:

@@ -53,12 +53,28 @@ class StepReporter:
 
 
 def progress_line(m: dict, steps: int) -> str:
-    return (
+    """One line per step. It shows what moves on every step: the gradient norm and the entropy. The loss
+    is left out: with one update per batch the ratio is 1 and the clipped surrogate's value is exactly
+    -mean(A) over the step's tokens, ~0 with group-normalised advantages, however much is learned (it is in
+    metrics.jsonl). The clip fraction appears when it can be non-zero (several updates per batch), the KL
+    to the reference when there is one (algorithm.kl_coef > 0)."""
+    grad = m.get("train/grad_norm")
+    parts = [
         f"step {m['step']:>3}/{steps}  v{m['policy_version']}  reward {m['reward/mean']:.3f}  "
-        f"signal {m['groups/with_signal']}/{m['groups/total']}  loss {m.get('train/loss', 0.0):+.4f}  "
+        f"signal {m['groups/with_signal']}/{m['groups/total']}",
+        f"|grad| {grad:.4f}" if grad is not None else "|grad| -",  # no update: every group tied
+    ]
+    if "train/entropy" in m:
+        parts.append(f"entropy {m['train/entropy']:.3f}")
+    if m.get("train/updates", 1) > 1 and "train/clip_frac/total" in m:
+        parts.append(f"clip {100 * m['train/clip_frac/total']:.1f}%")
+    if "train/kl" in m:
+        parts.append(f"kl(ref) {m['train/kl']:.4f}")
+    parts.append(
         f"gen {m['time/generate_s']:.1f}s  train {m['time/train_s']:.1f}s  bcast {m['time/broadcast_s']:.2f}s  "
         f"sync {_sync_word(m.get('sync/checksum_match'))}"
     )
+    return "  ".join(parts)
 
 
 def _sync_word(match: bool | None) -> str:

@@ -27,6 +27,7 @@ from cluster import runtime
 from cluster.checkpoints import latest_checkpoint
 from cluster.config import Config
 from cluster.fleet import RolloutFleet
+from cluster.naming import actor_name, run_scope
 from cluster.placement import make_plan
 from cluster.preflight import check_plan, check_run_dir, node_addresses, wait_placed
 from cluster.runtime import RunStopped
@@ -60,17 +61,18 @@ class RunActors:
         self.learner_pg = placement_group(plan.learner_bundles, strategy="PACK")
         wait_placed(self.learner_pg, cfg.cluster.placement_timeout_s, "learner")
         check_run_dir(self.run_dir, self.learner_pg, cfg.cluster.placement_timeout_s)
-        self.fleet = RolloutFleet(cfg, plan, model_path)
+        scope = run_scope(self.run_dir.name)  # the actors' Ray names (cluster/naming.py)
+        self.fleet = RolloutFleet(cfg, plan, model_path, name_scope=scope)
         # The engines load while the learner ranks do (LearnerGroup waits for its ranks to join).
         self.fleet.launch(cfg.rollout.num_engines, version)
-        self.rewards = RewardPool(cfg.rewards)
+        self.rewards = RewardPool(cfg.rewards, name_scope=scope)
         # On the driver's node: the queue's groups are the run's state, which lives and dies with the driver.
         # Placed anywhere (it takes no CPU), it went to an engine's worker node, and that node's loss ended
         # the run (the simulated cluster's node-loss test, once in CI's order of placement).
         driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.queue = ReplayQueue.options(scheduling_strategy=driver_node).remote(
-            cfg.train.queue_capacity_groups, cfg.train.max_staleness_versions, cfg.algorithm.filter_tied
-        )
+        self.queue = ReplayQueue.options(
+            name=actor_name(scope, "replay-queue", 0), scheduling_strategy=driver_node
+        ).remote(cfg.train.queue_capacity_groups, cfg.train.max_staleness_versions, cfg.algorithm.filter_tied)
         if plan.colocated:
             # vLLM sizes its KV cache from the GPU memory it sees while it profiles: the learner, on the
             # same GPU, allocates (and frees) only after that.
@@ -82,6 +84,7 @@ class RunActors:
             plan.device,
             plan.learner_threads,
             gpus_per_rank=plan.learner_gpus(),
+            name_scope=scope,
         )
         self.fleet.wait_ready()
         self.connect_fleet()

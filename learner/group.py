@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import Config
 from cluster.liveness import DEAD, await_ready, poll
+from cluster.naming import SlotNames, run_scope
 from cluster.preflight import PreflightError, wait_placed
 from cluster.records import ScoredGroup
 from learner.advantages import compute_advantages
@@ -66,15 +67,20 @@ class LearnerGroup:
         threads: int | None = None,
         bundle_offset: int = 0,
         gpus_per_rank: float = 0.0,
+        name_scope: str | None = None,
     ) -> None:
         """`gpus_per_rank`: what each rank holds of its bundle's GPUs, the plan's `learner_gpus()` (half of
-        one when the learner shares its GPU with the engine; none on CPU)."""
+        one when the learner shares its GPU with the engine; none on CPU). `name_scope`: the prefix of
+        the ranks' Ray names, the run's (cluster/naming.py)."""
         self.cfg = cfg
         self.placement_group = placement_group
         k = cfg.learner.num_ranks
+        # A rank started again (see _start_again) counts up its start: `learner-rank-0.2` (cluster/naming.py).
+        names = SlotNames(name_scope or run_scope(), "learner-rank")
 
         def new_rank(rank: int) -> Any:
             return LearnerWorker.options(
+                name=names.next(rank)[0],
                 num_cpus=1,
                 num_gpus=gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(

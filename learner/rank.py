@@ -12,12 +12,16 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cluster.config import Config
 from learner.build_locks import orphaned_build_locks_removed
+
+# The size of a shard of the Hugging Face export: the most rank 0 holds while it writes one (export_hf).
+EXPORT_SHARD_BYTES = 256 << 20
 
 
 def _pad(rows: list[list[int]], value: float | int, dtype) -> torch.Tensor:
@@ -65,10 +69,6 @@ class LearnerRank:
                 cpu_threads = len(cores)
             if cpu_threads:
                 torch.set_num_threads(cpu_threads)
-        from transformers import AutoModelForCausalLM
-
-        from learner.logprobs import install_completion_head
-
         torch.manual_seed(cfg.run.seed)
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.learner, self.algo, self.temperature = learner, cfg.algorithm, cfg.rollout.temperature
@@ -76,18 +76,16 @@ class LearnerRank:
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         self.model_path = model_path
         self.torch_dtype = getattr(torch, cfg.model.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=self.torch_dtype)
-        self.head = install_completion_head(self.model, learner.logprob_chunk_tokens)
-        if learner.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        self.model = self.head = None
+        if learner.zero_stage != 3:
+            # Every rank holds the whole model at ZeRO 0-2 anyway: load it now, while the engines load.
+            self._load_policy()
+        # ZeRO-3: loaded in `join`, once the process group exists, already partitioned (zero.Init).
         self.store = None
         self.engine = None
         self.ref = None
         self.ref_head = None
         self.sender = None
-
-    def node_address(self) -> str:
-        return _node_address()
 
     def open_endpoint(self, timeout_s: float = 600.0) -> tuple[str, int]:
         """Rank 0: bind the process group's store on this node (a port the OS picks, so nothing can take
@@ -114,30 +112,13 @@ class LearnerRank:
             s.bind(("", 0))
             return _node_address(), s.getsockname()[1]
 
-    def join(self, address: str, port: int, timeout_s: float = 600.0) -> None:
-        """Join the process group at rank 0's endpoint and build the DeepSpeed engine (collective)."""
-        from datetime import timedelta
-
-        import deepspeed
-
-        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port))
-        backend = "nccl" if self.device_kind == "cuda" else "gloo"
-        timeout = timedelta(seconds=timeout_s)
-        if self.store is None:
-            self.store = torch.distributed.TCPStore(
-                address, port, self.world_size, is_master=False, timeout=timeout
-            )
-        torch.distributed.init_process_group(
-            backend, store=self.store, rank=self.rank, world_size=self.world_size, timeout=timeout
-        )
-        # Loading DeepSpeed's ops can wait forever on a build lock left by a killed process (learner/build_locks.py).
-        with orphaned_build_locks_removed():
-            deepspeed.init_distributed(dist_backend=backend)  # adopts the group above
+    def deepspeed_config(self) -> dict[str, Any]:
+        """The DeepSpeed config of this learner (every rank builds the same)."""
         learner, dtype = self.learner, self.cfg.model.dtype
         zero: dict[str, Any] = {"stage": learner.zero_stage}
         if learner.zero_stage == 3:
             zero["stage3_param_persistence_threshold"] = learner.zero3_persistence_threshold
-        ds_config = {
+        config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": learner.grad_clip,
@@ -156,6 +137,66 @@ class LearnerRank:
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
+        if dtype != "float32" and learner.grad_accum_dtype == "float32":
+            # A step's micro-batches (16 to 32 in the shipped GPU configs) add their gradients into one
+            # buffer; in bf16 every addition rounds to 8 bits of mantissa. DeepSpeed keeps that buffer in
+            # this dtype instead: at ZeRO-2/3 its gradient partitions (stage_1_and_2.py, stage3.py), at
+            # ZeRO-1 in bf16 its BF16_Optimizer. ZeRO-0 has no such path (the config refuses that mix).
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+        return config
+
+    def _load_policy(self, ds_config: dict[str, Any] | None = None) -> None:
+        """Load the policy from `model_path`. At ZeRO-3 (`ds_config` given, the process group up) through
+        transformers' own ZeRO-3 path: while an `HfDeepSpeedConfig` of this config lives, `from_pretrained`
+        builds the model inside `deepspeed.zero.Init` (each parameter partitioned as it is created, so no
+        rank ever holds the whole model) and copies the checkpoint in module by module, gathered, on rank
+        0 only (transformers/integrations/deepspeed.py, _load_state_dict_into_zero3_model; the other ranks
+        map the safetensors file without reading it). The global it sets is cleared right after, so later
+        loads (the KL reference model) are plain ones."""
+        from transformers import AutoModelForCausalLM
+
+        from learner.logprobs import install_completion_head
+
+        if ds_config is not None and self.learner.zero_stage == 3:
+            from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+            keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+            try:
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    self.model_path, torch_dtype=self.torch_dtype
+                )
+            finally:
+                unset_hf_deepspeed_config()
+                del keep_alive
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_path, torch_dtype=self.torch_dtype)
+        self.head = install_completion_head(self.model, self.learner.logprob_chunk_tokens)
+        if self.learner.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+
+    def join(self, address: str, port: int, timeout_s: float = 600.0) -> None:
+        """Join the process group at rank 0's endpoint and build the DeepSpeed engine (collective); at
+        ZeRO-3 load the policy first, partitioned over the group."""
+        from datetime import timedelta
+
+        import deepspeed
+
+        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port))
+        backend = "nccl" if self.device_kind == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if self.store is None:
+            self.store = torch.distributed.TCPStore(
+                address, port, self.world_size, is_master=False, timeout=timeout
+            )
+        torch.distributed.init_process_group(
+            backend, store=self.store, rank=self.rank, world_size=self.world_size, timeout=timeout
+        )
+        # Loading DeepSpeed's ops can wait forever on a build lock left by a killed process (learner/build_locks.py).
+        with orphaned_build_locks_removed():
+            deepspeed.init_distributed(dist_backend=backend)  # adopts the group above
+        ds_config = self.deepspeed_config()
+        if self.model is None:
+            self._load_policy(ds_config)
         with orphaned_build_locks_removed():
             self.engine, *_ = deepspeed.initialize(
                 model=self.model, model_parameters=self.model.parameters(), config=ds_config
@@ -166,7 +207,7 @@ class LearnerRank:
             from learner.logprobs import install_completion_head
 
             self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, torch_dtype=self.torch_dtype)
-            self.ref_head = install_completion_head(self.ref, learner.logprob_chunk_tokens)
+            self.ref_head = install_completion_head(self.ref, self.learner.logprob_chunk_tokens)
             self.ref.to(self.device).eval().requires_grad_(False)
 
     def ready(self) -> dict:
@@ -392,12 +433,83 @@ class LearnerRank:
         _, client_state = self.engine.load_checkpoint(directory, tag=tag)
         return client_state or {}
 
-    def export_hf(self, directory: str, tokenizer_from: str) -> None:
-        """A Hugging Face folder that transformers and vLLM load as they are (rank 0 writes)."""
-        state = self.full_state_dict()
-        if self.rank != 0:
+    def export_hf(self, directory: str, tokenizer_from: str, shard_bytes: int = EXPORT_SHARD_BYTES) -> None:
+        """A Hugging Face folder that transformers and vLLM load as they are (safetensors, sharded past
+        `shard_bytes` with the usual index; tied weights once, as `save_pretrained` writes them).
+
+        Rank 0 writes it shard by shard. Under ZeRO-3 each parameter is gathered by a collective every
+        rank joins (all ranks call this), and only rank 0 keeps a copy, until its shard is on disk; at
+        ZeRO 0-2 rank 0 holds the weights already and the other ranks return at once. So no rank builds
+        a full state dict: rank 0 holds at most one shard (and safetensors' serialised copy of it while it
+        writes), the others one gathered parameter. (By hand because `save_pretrained` takes a whole
+        state dict: there is no per-shard writer in transformers or safetensors.)"""
+        import json
+
+        from safetensors.torch import save_file
+
+        module, zero3, writer = self.engine.module, self.learner.zero_stage == 3, self.rank == 0
+        if not (zero3 or writer):
             return
+        named = list(module.named_parameters())  # a shared (tied) parameter once, under its first name
+        shards = _shard_plan(
+            [(p.ds_numel if zero3 else p.numel()) * p.element_size() for _, p in named], shard_bytes
+        )
+        files = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        out = Path(directory)
+        if writer:
+            out.mkdir(parents=True, exist_ok=True)
+        weight_map: dict[str, str] = {}
+        total = 0
+        for file, shard in zip(files, shards):
+            tensors: dict[str, torch.Tensor] = {}
+            for i in shard:
+                name, p = named[i]
+                with _gathered(p, zero3):
+                    if writer:
+                        # A copy: the gathered tensor is released at once (ZeRO-3), and at ZeRO-1/2 the
+                        # parameters are views into DeepSpeed's flat buffer, which safetensors refuses.
+                        tensors[name] = p.data.detach().to("cpu", copy=True).contiguous()
+            if writer:
+                save_file(tensors, str(out / file), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(tensors, file))
+                total += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+        if not writer:
+            return
+        if len(files) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        module.config.save_pretrained(directory)
+        if module.can_generate() and module.generation_config is not None:
+            module.generation_config.save_pretrained(directory)
         from transformers import AutoTokenizer
 
-        self.engine.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(directory)
+
+
+def _shard_plan(sizes: list[int], shard_bytes: int) -> list[list[int]]:
+    """Consecutive indices grouped into shards of at most `shard_bytes` (a larger tensor alone)."""
+    shards: list[list[int]] = [[]]
+    filled = 0
+    for i, size in enumerate(sizes):
+        if shards[-1] and filled + size > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(i)
+        filled += size
+    return shards
+
+
+def _gathered(p: torch.nn.Parameter, zero3: bool):
+    """The whole parameter on every rank for the block (a collective), under ZeRO-3; else nothing to do."""
+    import contextlib
+
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p], modifier_rank=None)

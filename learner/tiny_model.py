@@ -52,12 +52,11 @@ def build_tokenizer(out_dir: str | Path):
     return fast
 
 
-def build_model(out_dir: str | Path, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config():
+    """The embedded model's LlamaConfig."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=VOCAB_SIZE,
         bos_token_id=1,
         eos_token_id=2,
@@ -66,7 +65,14 @@ def build_model(out_dir: str | Path, seed: int = 0):
         torch_dtype="float32",
         **ARCH,
     )
-    model = LlamaForCausalLM(config)
+
+
+def build_model(out_dir: str | Path, seed: int = 0):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config())
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return model
 

@@ -32,6 +32,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.config import RewardsConfig
 from cluster.liveness import DEAD, NotReady, await_ready, poll
+from cluster.naming import SlotNames, run_scope
 from cluster.records import VerifyItem, VerifyResult
 from rewards.remote import RemoteVerifier
 from rewards.verifiers import safe_echo
@@ -99,8 +100,11 @@ class RewardPool:
         ready_timeout_s: float = 120.0,
         chunk_size: int | None = None,
         hung_grace_s: float = _HUNG_GRACE_S,
+        name_scope: str | None = None,
     ) -> None:
+        """`name_scope`: the prefix of the workers' Ray names, the run's (cluster/naming.py)."""
         self.cfg = cfg
+        self._names = SlotNames(name_scope or run_scope(), "reward-worker")  # a replacement's counts up
         self.num_workers = cfg.num_workers
         self.replaced: list[dict] = []
         self._cfg_dict = cfg.model_dump()
@@ -210,7 +214,8 @@ class RewardPool:
     # ------------------------------------------------------------ internals
 
     def _new_worker(self, index: int) -> Any:
-        return RewardWorker.options(**self._actor_options).remote(self._cfg_dict, index)
+        name, n = self._names.next(index)
+        return RewardWorker.options(name=name, **self._actor_options).remote(self._cfg_dict, index, n)
 
     def _start_again(self, slot: int, node: str) -> Any:
         """Worker `slot` was lost with its node before it was ready: a new one, and its `ready` call."""

@@ -23,11 +23,16 @@ class RewardWorker:
     items were in flight and retries them exactly once, and logs the replacement.
     """
 
-    def __init__(self, cfg: dict, index: int = 0) -> None:
+    def __init__(self, cfg: dict, index: int = 0, start: int = 1) -> None:
         from cluster.config import RewardsConfig
+        from cluster.naming import node_address
 
-        self.index = index
+        self.index, self.start, self.node = index, start, node_address()
         self.sandbox = Sandbox(RewardsConfig.model_validate(cfg)).start()
+
+    def __repr__(self) -> str:  # the Ray dashboard's Repr column (taken once, after __init__)
+        again = f", start {self.start} of its slot" if self.start > 1 else ""
+        return f"RewardWorker(reward worker {self.index}{again}, node {self.node})"
 
     def ready(self) -> dict:
         """Answered once the sandbox child is warm: the pool waits on it before the first batch."""

@@ -403,3 +403,15 @@ def kill_run_and_its_ray(proc: subprocess.Popen, token: str) -> None:
                 os.kill(int(pid_dir.name), signal.SIGKILL)
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------- Ray's actor table
+
+
+def ray_actors(class_name: str, state: str = "ALIVE") -> list[dict]:
+    """The connected Ray's actors of `class_name` in `state`, as Ray's state API (the dashboard's Actors
+    page, `ray list actors --detail`) lists them: each with its `name` and `repr_name`. Needs the dashboard."""
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", class_name), ("state", "=", state)]
+    return [a.__dict__ for a in list_actors(filters=filters, detail=True, limit=1000, timeout=60)]

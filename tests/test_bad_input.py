@@ -49,13 +49,42 @@ def test_row_without_answer_is_named(capsys, tmp_path):
     rows = [{"problem": "1+1=", "answer": "2"}, {"problem": "2+2=", "answer": "4"}, {"problem": "3+3="}]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     err = _fails(capsys, f"data.path={data}")
-    assert "row 2" in err and "answer" in err
+    assert "line 3 of" in err and "answer" in err  # the third line, as an editor counts it
+
+
+def test_a_bad_row_is_named_by_its_line_as_an_editor_counts_it(tmp_path):
+    """JSONL: the line number an editor shows (from 1, blank lines counted), whatever the check that fails;
+    Parquet has no lines: its row index, said to count from 0."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cluster.data import DatasetError, load_prompts
+
+    good = json.dumps({"problem": "1+1=", "answer": "2"})
+    cases = {
+        "answer": (good + "\n\n" + json.dumps({"problem": "3+3="}) + "\n", "line 3 of"),
+        "JSON": (good + "\n{oops\n", "line 2 of"),
+        "UTF-8": (None, "line 2 of"),
+    }
+    for what, (text, expected) in cases.items():
+        data = tmp_path / f"{what}.jsonl"
+        if text is None:
+            data.write_bytes(good.encode() + b'\n{"problem": "caf\xe9", "answer": "3"}\n')
+        else:
+            data.write_text(text)
+        with pytest.raises(DatasetError, match=f"{expected} .*{data.name}") as e:
+            load_prompts(load_config(overrides=[f"data.path={data}"]).data, 0)
+        assert what in str(e.value)
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"problem": ["1+1=", "2+2="], "answer": ["2", None]}), parquet)
+    with pytest.raises(DatasetError, match=r"row index 1 \(from 0\) of .*rows\.parquet has no 'answer'"):
+        load_prompts(load_config(overrides=[f"data.path={parquet}"]).data, 0)
 
 
 def test_malformed_json_row_is_named(capsys, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"problem": "1+1=", "answer": "2"}\n{"problem": oops}\n')
-    assert "row 1" in _fails(capsys, f"data.path={data}")
+    assert "line 2 of" in _fails(capsys, f"data.path={data}")
 
 
 def test_yaml_and_overrides_compose(tmp_path):

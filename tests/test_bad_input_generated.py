@@ -148,5 +148,5 @@ def test_dataset_rows_are_accepted_or_the_first_bad_one_is_named(capsys, rows, b
     if not bad_at:  # no rows at all
         assert "no rows" in err[0]
     else:  # a bad row, by its number (the first bad one of its kind: unreadable rows before bad fields)
-        named = re.search(r"row (\d+) of .*rows\.jsonl", err[0])
-        assert named and int(named.group(1)) in bad_at, (sorted(bad_at), err)
+        named = re.search(r"line (\d+) of .*rows\.jsonl", err[0])  # as an editor counts: from 1
+        assert named and int(named.group(1)) - 1 in bad_at, (sorted(bad_at), err)

@@ -27,6 +27,13 @@ from tests.trackers_readback import mlflow_run, tensorboard_scalars, wandb_offli
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DUET_ACTORS = ("RolloutEngine", "LearnerWorker", "RewardWorker", "ReplayQueue")
+# (the end of an actor's Ray name, the start of its repr) for each duet actor of a default local run
+NAMED = (
+    ("/engine-0", "RolloutEngine(engine 0, started at version 0, node "),
+    ("/learner-rank-0", "LearnerWorker(learner rank 0 of 1, node "),
+    ("/reward-worker-1", "RewardWorker(reward worker 1, node "),
+    ("/replay-queue-0", "ReplayQueue(capacity 1024 groups"),
+)
 
 
 def _browser():
@@ -99,6 +106,18 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
         control = _wait(lambda: json.loads((run / "control.json").read_text()), 300, "control.json", proc)
         auth = {"Authorization": f"Bearer {control['token']}"}
 
+        # Issue 22, item 16: each actor has a name and a repr a user can search for, in Ray's own state API
+        # (what the Actors page shows in its Name and Repr columns).
+        listed = httpx.get(
+            f"{url}/api/v0/actors", params={"detail": "1", "limit": "100"},
+            headers={"Authorization": f"Bearer {token}"}, timeout=30,
+        ).json()["data"]["result"]["result"]  # fmt: skip
+        alive = {a["name"]: a.get("repr_name", "") for a in listed if a["state"] == "ALIVE"}
+        for name, repr_start in NAMED:
+            found = [n for n in alive if n.endswith(name)]
+            assert found and alive[found[0]].startswith(repr_start), (name, alive)
+        assert all(n.startswith(f"{run.name}/") for n in alive if n), alive  # the run's own scope
+
         browser = _browser()
         browser.get(url)
         # Ray's dashboard asks for the token in a dialog and keeps it in a cookie.
@@ -140,6 +159,8 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
             "the duet actors on the Actors page",
         )
         (artifacts / "dashboard-actors.txt").write_text(page)
+        for name, repr_start in NAMED:  # the Name and Repr columns are no longer "-"
+            assert name in page and repr_start in page, (name, page[-3000:])
         rows = {name: [line for line in page.splitlines() if name in line] for name in DUET_ACTORS}
         assert "ALIVE" in page, page[-3000:]
         browser.save_screenshot(str(artifacts / "dashboard-actors.png"))

@@ -98,7 +98,7 @@ def test_reads_jsonl_and_parquet_with_alternative_fields(tmp_path, capsys):
 
 
 def test_bad_rows_are_named():
-    with pytest.raises(DatasetError, match=r"row 1 of .* has no 'answer'"):
+    with pytest.raises(DatasetError, match=r"row index 1 \(from 0\) of .* has no 'answer'"):
         prompts_from_rows([{"problem": "1+1=", "answer": "2"}, {"problem": "2+2="}])
     with pytest.raises(DatasetError, match="no row has the problem field"):
         prompts_from_rows([{"text": "1+1=", "answer": "2"}])
@@ -117,7 +117,7 @@ def test_duet_eval_rejects_bad_dataset_before_starting_actors(tmp_path, capsys, 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1=", "answer": "2"}\n{"problem": "", "answer": "3"}\n')
     assert eval_main(["--dataset", str(bad)]) == 2
-    assert "row 1" in capsys.readouterr().err
+    assert "line 2 of" in capsys.readouterr().err
     assert eval_main(["--dataset", str(tmp_path / "missing.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
     good = tmp_path / "good.jsonl"

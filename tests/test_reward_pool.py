@@ -19,7 +19,7 @@ import ray
 from cluster.config import RewardsConfig
 from cluster.records import VerifyItem, VerifyResult
 from rewards.pool import RewardPool
-from tests.helpers import CUSTOM_DISPATCH, integration_fixture, reward_server
+from tests.helpers import CUSTOM_DISPATCH, free_ports, integration_fixture, ray_actors, reward_server
 
 TIMEOUT_S = 2.0  # wall-clock limit: a margin for a 2-core machine loaded by other jobs
 SLOW = "\\boxed{" + "(" * 60 + "1" + ")" * 60 + "}"  # math-verify needs far more than TIMEOUT_S
@@ -28,8 +28,12 @@ NAP = VerifyItem("", "", "custom", "naps")  # takes 0.25 s and scores 1: makes a
 
 @integration_fixture(scope="module")
 def ray_cluster() -> None:
-    # address="local": a new cluster of our own, even when another Ray runs on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a new cluster of our own, even when another Ray runs on this machine. Its dashboard
+    # serves Ray's state API, which the naming test reads the workers' names and reprs back from.
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+        dashboard_port=free_ports(1)[0], log_to_driver=False,
+    )  # fmt: skip
     yield
     ray.shutdown()
 
@@ -153,6 +157,24 @@ def test_worker_dead_between_calls_is_replaced_by_worker_pids(pool: RewardPool) 
     assert len(pool.replaced) == n_replaced + 1 and pool.replaced[-1]["reason"] == "found dead"
     more, more_expected = numbered(10)
     check(pool.score(more), more_expected)
+    # Issue 22, item 16: on the dashboard (Ray's state API) every worker has a name and a repr; a replacement
+    # keeps its slot and counts up its start in both (the dead one's name is not free until Ray declares it
+    # dead, which after a node's loss takes its heartbeat timeout).
+    workers = ray_actors("RewardWorker")
+    names = sorted(a["name"] for a in workers)
+    assert len(names) == len(set(names)) == pool.num_workers, workers
+    [second] = [a for a in workers if "/reward-worker-1." in a["name"]]
+    start = int(second["name"].rsplit(".", 1)[1])
+    assert start >= 2, second
+    assert second["repr_name"].startswith(
+        f"RewardWorker(reward worker 1, start {start} of its slot, node "
+    ), second
+    [first] = [a for a in workers if "/reward-worker-0" in a["name"]]
+    assert first["repr_name"].startswith("RewardWorker(reward worker 0"), first
+    dead = ray_actors("RewardWorker", "DEAD")  # the replaced ones keep their names in Ray's history
+    assert any(
+        a["name"] == second["name"].rsplit(".", 1)[0] + ("" if start == 2 else f".{start - 1}") for a in dead
+    )
 
 
 def _alive(pid: int) -> bool:

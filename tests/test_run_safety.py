@@ -172,6 +172,26 @@ def test_progress_line_says_unchecked_when_sync_was_not_checked():
     assert progress_line({**m, "sync/checksum_match": False}, 4).endswith("sync MISMATCH")
 
 
+def test_progress_line_shows_what_moves_not_the_on_policy_loss():
+    """Issue 22, item 15: on-policy with one update per batch the clipped surrogate's value is zero by
+    construction, so `loss +0.0000` on every step read as "nothing is learning". The line shows the gradient
+    norm and the entropy; the clip fraction when it can be non-zero (several updates per batch) and the KL
+    when there is a reference."""
+    m = {
+        "step": 3, "policy_version": 3, "reward/mean": 0.5, "groups/with_signal": 6, "groups/total": 8,
+        "time/generate_s": 1.0, "time/train_s": 1.0, "time/broadcast_s": 0.1, "sync/checksum_match": True,
+        "train/loss": 0.0, "train/grad_norm": 0.8125, "train/entropy": 1.25, "train/clip_frac/total": 0.0,
+    }  # fmt: skip
+    line = progress_line(m, 10)
+    assert "loss" not in line and "|grad| 0.8125" in line and "entropy 1.250" in line, line
+    assert "clip" not in line and "kl" not in line, line
+    several = progress_line({**m, "train/updates": 4.0, "train/clip_frac/total": 0.0312}, 10)
+    assert "clip 3.1%" in several, several
+    assert "kl(ref) 0.0020" in progress_line({**m, "train/kl": 0.002}, 10)
+    tied = {k: v for k, v in m.items() if not k.startswith("train/")}  # every group tied: no update
+    assert "|grad| -" in progress_line(tied, 10)
+
+
 # ---- finding 6: errors that name the field or the row and say what to do ----
 def _dry(capsys, *argv: str) -> str:
     rc, err = run_cli(capsys, "train", "--dry-run", *argv)
@@ -205,7 +225,7 @@ def test_non_utf8_jsonl_names_the_row(capsys, tmp_path):
     data = tmp_path / "latin1.jsonl"
     data.write_bytes(b'{"problem": "1+1=", "answer": "2"}\n{"problem": "caf\xe9", "answer": "3"}\n')
     err = _dry(capsys, f"data.path={data}")
-    assert "data.path" in err and "row 1" in err and "UTF-8" in err
+    assert "data.path" in err and "line 2 of" in err and "UTF-8" in err
 
 
 def test_broken_parquet_is_named(capsys, tmp_path):
@@ -225,7 +245,7 @@ def test_broken_parquet_is_named(capsys, tmp_path):
     [
         ("eval.every_steps=50", "eval.every_steps"),  # more than train.steps: never evaluates
         ("eval.path={missing}", "eval.path"),
-        ("eval.path={bad_rows}", "row 1"),
+        ("eval.path={bad_rows}", "line 2 of"),
         ("eval.max_tokens=300", "eval.max_tokens"),  # no room for the prompt in max_model_len 256
         ("eval.samples_per_prompt=0", "eval.samples_per_prompt"),
         ("eval.top_p=2", "eval.top_p"),
