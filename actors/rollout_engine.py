@@ -53,7 +53,7 @@ class RolloutEngine:
         gpu_memory_utilization: float = 0.85,
         enforce_eager: bool = True,
         seed: int = 0,
-        weight_transfer_backend: str = "gloo",
+        weight_transfer_backend: str = "duet_host",
         initial_version: int = 0,
     ) -> None:
         # vLLM reads the CPU settings (threads, KV cache) from the environment, set per actor by the driver.
