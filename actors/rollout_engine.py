@@ -75,6 +75,7 @@ class RolloutEngine:
         self.paused_for_update = False  # the scheduler was paused for it (requests were in flight)
         self.update_pauses = 0  # updates that had to pause the scheduler (reported by ready())
         self.update_timing: dict[str, float] = {}  # the last apply_weight_update, by phase
+        self.hold_inside_update: asyncio.Event | None = None  # fault injection (hold_next_update)
         self.update_done = asyncio.Event()  # set while no update is open: new requests may start
         self.update_done.set()
         self.vllm_error: str | None = None  # set when vLLM's own processes died under this actor
@@ -304,8 +305,21 @@ class RolloutEngine:
         t1 = time.perf_counter()
         await self.update_weights(update_info)
         t2 = time.perf_counter()
+        if self.hold_inside_update is not None:  # fault injection: stay here until the run is killed
+            self.hold_inside_update.set()
+            await asyncio.Event().wait()
         await self.finish_weight_update(weight_version)
         self.update_timing = {"start_s": t1 - t0, "update_s": t2 - t1, "finish_s": time.perf_counter() - t2}
+
+    def hold_next_update(self) -> None:
+        """Fault injection (cluster/faults.py, `broadcast.mid`): the next weight update stops inside itself,
+        its bytes received and loaded by vLLM, before it is finished (version not stamped, reload not
+        finalised), and stays there; `held_inside_update` answers once it does."""
+        self.hold_inside_update = asyncio.Event()
+
+    async def held_inside_update(self) -> str:
+        await self.hold_inside_update.wait()
+        return f"engine {self.engine_id} inside its weight update: bytes received and loaded, not finished"
 
     @vllm_call
     async def shutdown_weight_transfer_engine(self) -> None:

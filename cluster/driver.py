@@ -253,10 +253,8 @@ class Trainer:
             t1 = time.perf_counter()
             self.version += 1
             checked = self.cfg.train.weights_checked(self.version)
-            timer = faults.point_later("broadcast.mid", self.step, faults.BROADCAST_DELAY_S)
+            faults.point_within("broadcast.mid", self.step, self.fleet.hold_next_update)
             sent = self.broadcast(checked)
-            if timer is not None:
-                timer.join()  # a transfer shorter than the delay: die right after it, before anything else
             t2 = time.perf_counter()
             metrics.update({"time/train_s": t1 - t0, "time/broadcast_s": t2 - t1})
             now = time.time()

@@ -448,3 +448,35 @@ def test_zero3_two_ranks_broadcast_checked_then_an_engine_dies_mid_pass_and_ever
             with contextlib.suppress(Exception):
                 ray.get(e.shutdown.remote(), timeout=30)
             ray.kill(e)
+
+
+# ---------------------------------------------------------------- 10. broadcast.mid lands inside the transfer
+def test_broadcast_mid_fires_once_the_update_is_held_inside_itself(monkeypatch):
+    """`broadcast.mid` no longer fires from a 50 ms timer (after the tiny model's 20-45 ms transfers): the
+    work is made to stop at a known place inside itself, and the crash comes once it is held there, naming
+    the place. The real run: tests/test_crash_consistency.py's chain starts with it and asserts the place."""
+    from cluster import faults
+
+    crashed, held = [], threading.Event()
+
+    def hold():
+        def wait():
+            held.wait(5)
+            return "engine 0 inside its weight update"
+
+        return wait
+
+    monkeypatch.setattr(faults, "crash", lambda name, step, where=None: crashed.append((name, step, where)))
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults.point_within("broadcast.mid", 2, lambda: pytest.fail("armed without the variable"))
+    monkeypatch.setenv(faults.ENV, "broadcast.mid:3")
+    faults.point_within("broadcast.mid", 2, lambda: pytest.fail("armed at another step"))
+    faults.point_within("broadcast.mid", 3, hold)
+    time.sleep(0.1)
+    assert crashed == []  # not before the work is held, however long that takes
+    held.set()
+    for _ in range(50):
+        if crashed:
+            break
+        time.sleep(0.05)
+    assert crashed == [("broadcast.mid", 3, "engine 0 inside its weight update")]
