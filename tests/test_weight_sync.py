@@ -49,7 +49,7 @@ def test_rebroadcast_into_an_update_that_broke_off(local_ray, tiny_model):
     client.start_weight_update()
     with ThreadPoolExecutor(max_workers=1) as exe:
         receiving = exe.submit(client.update_weights, update_info)
-        sender._broadcast(meta, buckets, sizes, False, time.monotonic() + 60)
+        sender._pack_and_send(iter(sender.source), meta, buckets, sizes, None, time.monotonic() + 60)
         receiving.result()
 
     # 2. the re-broadcast of newer weights, as the driver sends it after replacing the dead engine
@@ -104,7 +104,7 @@ def test_idle_update_holds_new_requests_and_hung_or_dead_engine_meets_the_deadli
     if ray.wait([early], timeout=3.0)[0]:  # held while the update is open; if not, say what came back
         pytest.fail(f"generate did not wait for the open update: {ray.get(early)}")
     receiving = [engine.update_weights.remote(update_info)]
-    sender._broadcast(meta, buckets, sizes, False, time.monotonic() + 60)
+    sender._pack_and_send(iter(sender.source), meta, buckets, sizes, None, time.monotonic() + 60)
     ray.get(receiving)
     client.finish_weight_update("3")
     assert all(c.version_start == c.version_end == 3 for c in ray.get(early)[0])
@@ -163,7 +163,7 @@ def test_idle_update_holds_new_requests_and_hung_or_dead_engine_meets_the_deadli
 
 
 def test_nccl_update_is_stamped_with_its_version_and_has_a_deadline(local_ray):
-    """vLLM's NCCL trainer engine, driven by `send`/`close` as learner rank 0 drives it on GPUs. There is
+    """vLLM's NCCL trainer engine (duet_nccl's subclass), driven by `send`/`close` as learner rank 0 drives it on GPUs. There is
     no GPU here, so its communicator is left out (`_broadcast` replaced) and a recording Ray actor stands
     in for the engines: what is checked is the argument plumbing around vLLM's engine.
     - `finish_weight_update` carries the version (no separate, later version call);
@@ -173,9 +173,14 @@ def test_nccl_update_is_stamped_with_its_version_and_has_a_deadline(local_ray):
     import time
 
     from vllm.distributed.weight_transfer.base import ModuleSource
-    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
 
-    from learner.weight_sender import EngineFleetClient, WeightTransferError, close, send
+    from learner.weight_sender import (
+        DuetNCCLTrainerWeightTransferEngine,
+        EngineFleetClient,
+        WeightTransferError,
+        close,
+        send,
+    )
 
     ray = local_ray
 
@@ -201,7 +206,7 @@ def test_nccl_update_is_stamped_with_its_version_and_has_a_deadline(local_ray):
 
     recorder = RecordingEngine.remote()
     module = torch.nn.Linear(3, 2)
-    sender = NCCLTrainerWeightTransferEngine(
+    sender = DuetNCCLTrainerWeightTransferEngine(
         client=EngineFleetClient([recorder], timeout_s=5.0), source=ModuleSource(module)
     )
     sender._broadcast = lambda source, meta: None  # no communicator without GPUs
