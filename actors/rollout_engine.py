@@ -53,7 +53,7 @@ class RolloutEngine:
         gpu_memory_utilization: float = 0.85,
         enforce_eager: bool = True,
         seed: int = 0,
-        weight_transfer_backend: str = "gloo",
+        weight_transfer_backend: str = "duet_host",
         initial_version: int = 0,
         gpu_memory_wait_s: float | None = None,
     ) -> None:
@@ -76,9 +76,13 @@ class RolloutEngine:
         self.node = ray.util.get_node_ip_address()
         self.in_flight = 0
         self.update_active = False  # between start_weight_update and finish_weight_update
+        # One transfer-control call at a time, in the order they came: a reconnect's shutdown, queued in
+        # vLLM behind a broken-off update, must not run after the init that follows it.
+        self.transfer_lock = asyncio.Lock()
         self.paused_for_update = False  # the scheduler was paused for it (requests were in flight)
         self.update_pauses = 0  # updates that had to pause the scheduler (reported by ready())
         self.update_timing: dict[str, float] = {}  # the last apply_weight_update, by phase
+        self.hold_inside_update: asyncio.Event | None = None  # fault injection (hold_next_update)
         self.update_done = asyncio.Event()  # set while no update is open: new requests may start
         self.update_done.set()
         self.vllm_error: str | None = None  # set when vLLM's own processes died under this actor
@@ -265,10 +269,15 @@ class RolloutEngine:
     async def init_weight_transfer_engine(self, init_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-        await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+        async with self.transfer_lock:
+            await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
     @vllm_call
     async def start_weight_update(self) -> None:
+        async with self.transfer_lock:
+            await self._start_weight_update()
+
+    async def _start_weight_update(self) -> None:
         if self.update_active:
             # A broadcast broke off (another engine died) with this engine inside its update. vLLM
             # reloads layer by layer, and the layers whose weights all arrived are already processed:
@@ -292,12 +301,20 @@ class RolloutEngine:
 
     @vllm_call
     async def update_weights(self, update_info: dict) -> None:
+        async with self.transfer_lock:
+            await self._update_weights(update_info)
+
+    async def _update_weights(self, update_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
 
     @vllm_call
     async def finish_weight_update(self, weight_version: str | None = None) -> None:
+        async with self.transfer_lock:
+            await self._finish_weight_update(weight_version)
+
+    async def _finish_weight_update(self, weight_version: str | None = None) -> None:
         # vLLM stamps the version before generation resumes: no completion ends under the new
         # weights with the old version number.
         await self.engine.finish_weight_update(weight_version=weight_version)
@@ -317,23 +334,38 @@ class RolloutEngine:
         """A whole update in one actor call (start, receive while the learner broadcasts, finish), so an
         update costs one round trip per engine. If the receive fails the update stays open (the next
         start closes it) and the engine holds new requests until a broadcast completes."""
-        t0 = time.perf_counter()
-        await self.start_weight_update()
-        t1 = time.perf_counter()
-        await self.update_weights(update_info)
-        t2 = time.perf_counter()
-        await self.finish_weight_update(weight_version)
+        async with self.transfer_lock:
+            t0 = time.perf_counter()
+            await self._start_weight_update()
+            t1 = time.perf_counter()
+            await self._update_weights(update_info)
+            t2 = time.perf_counter()
+            if self.hold_inside_update is not None:  # fault injection: stay here until the run is killed
+                self.hold_inside_update.set()
+                await asyncio.Event().wait()
+            await self._finish_weight_update(weight_version)
         self.update_timing = {"start_s": t1 - t0, "update_s": t2 - t1, "finish_s": time.perf_counter() - t2}
+
+    def hold_next_update(self) -> None:
+        """Fault injection (cluster/faults.py, `broadcast.mid`): the next weight update stops inside itself,
+        its bytes received and loaded by vLLM, before it is finished (version not stamped, reload not
+        finalised), and stays there; `held_inside_update` answers once it does."""
+        self.hold_inside_update = asyncio.Event()
+
+    async def held_inside_update(self) -> str:
+        await self.hold_inside_update.wait()
+        return f"engine {self.engine_id} inside its weight update: bytes received and loaded, not finished"
 
     @vllm_call
     async def shutdown_weight_transfer_engine(self) -> None:
         """Release this engine's side of the transfer group (vLLM refuses inside an open update, so a
         broken-off one is closed first). The engine keeps holding requests if that update broke off:
         its weights are half new until the reconnected learner sends them whole."""
-        if self.update_active:
-            with contextlib.suppress(Exception):
-                await self.engine.finish_weight_update()
-        await self.engine.shutdown_weight_transfer_engine()
+        async with self.transfer_lock:
+            if self.update_active:
+                with contextlib.suppress(Exception):
+                    await self.engine.finish_weight_update()
+            await self.engine.shutdown_weight_transfer_engine()
 
     @vllm_call
     async def transport_floor(self, nbytes: int, reps: int) -> None:

@@ -1,23 +1,24 @@
-"""A gloo weight-transfer engine for vLLM, so CPU runs use the same start/update/finish path as NCCL.
+"""The engines' side of the weight transfer: vLLM worker-side engines registered under duet's names.
 
-vLLM 0.32 ships NCCL/IPC engines only. This registers a `gloo` pair with vLLM's own factories
-(`WeightTransferEngineFactory` for the receiving workers, `WeightTransferTrainerFactory` for the
-learner), following the NCCL engine's lifecycle: `start_weight_update` opens vLLM's layerwise reload,
-received tensors go to `model.load_weights`, `finish_weight_update` finalizes it.
+- `duet_host` (CPU runs, and the colocated GPU mode): the bytes go through host memory, over a gloo
+  group (`actors.weight_transport`). It follows vLLM's NCCL engine's lifecycle:
+  `start_weight_update` opens vLLM's layerwise reload, received tensors go to `model.load_weights`,
+  `finish_weight_update` finalizes it.
+- `duet_nccl` (GPUs): vLLM's own NCCL engine, unchanged, with the byte check added at its receive
+  callback.
 
-Written by hand because vLLM has no CPU transport; the wire format is ours:
-parameters are packed, in metadata order, into byte buckets of at most `bucket_bytes`
-(a parameter larger than a bucket travels alone), one gloo broadcast per bucket. On the updates the driver checks (`checksum` in the update info) both
-ends hash each bucket's bytes (sha256), so it can prove the engines received exactly what was sent;
-on the others nobody hashes (a sha256 costs about 3× the transport per byte on these CPUs).
+Both hash what arrives with the same code at the same boundary (`ReceiveDigest`: every tensor as it
+reaches `model.load_weights`, in arrival order; see `actors.weight_transport`), on the updates the driver
+checks (`checksum` in the update info) and on no others.
+
+Registered with vLLM's `WeightTransferEngineFactory` by `register`, the `vllm.general_plugins` entry
+point that vLLM runs in every process it starts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -26,13 +27,57 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferInitInfo,
     WeightTransferUpdateInfo,
 )
+from vllm.distributed.weight_transfer.nccl_engine import (
+    NCCLWeightTransferEngine,
+    NCCLWeightTransferUpdateInfo,
+)
 
-BACKEND = "gloo"
+from actors.weight_transport import (
+    HashingLoader,
+    NetworkReceiver,
+    TensorDigest,
+    cut_bucket,
+    param_nbytes,
+    pipelined_bucket_bytes,
+    plan_buckets,
+)
+
+BACKEND_HOST = "duet_host"
+BACKEND_NCCL = "duet_nccl"
 
 
+class ReceiveDigest:
+    """The byte check of a worker-side engine, whatever its transport: within one update (start … finish)
+    every tensor handed to `model.load_weights` is hashed in arrival order when the update is checked;
+    `last_digest` is the finished update's digest (None when it was not checked)."""
+
+    last_digest: str | None = None
+    _digest: TensorDigest | None = None
+
+    def _begin_digest(self) -> None:
+        self._digest = None
+        self.last_digest = None
+
+    def _receiving_model(self, model: Any, checksum: bool) -> Any:
+        """What receives the tensors: `model` itself, or on a checked update a stand-in that hashes each
+        tensor and then loads it into `model`."""
+        if not checksum:
+            return model
+        if self._digest is None:
+            self._digest = TensorDigest()
+        return HashingLoader(model, self._digest)
+
+    def _finish_digest(self) -> float:
+        """Ends the update's check; returns the seconds spent hashing."""
+        digest, self._digest = self._digest, None
+        self.last_digest = None if digest is None else digest.hexdigest()
+        return 0.0 if digest is None else digest.seconds
+
+
+# ---------------------------------------------------------------- duet_host: through host memory
 @dataclass
-class GlooWeightTransferInitInfo(WeightTransferInitInfo):
-    master_address: str
+class DuetHostInitInfo(WeightTransferInitInfo):
+    master_address: str  # the gloo group's rendezvous, on learner rank 0's node
     master_port: int
     rank_offset: int  # this engine's first rank in the transfer group (the learner is rank 0)
     world_size: int
@@ -41,99 +86,40 @@ class GlooWeightTransferInitInfo(WeightTransferInitInfo):
 
 
 @dataclass
-class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
+class DuetHostUpdateInfo(WeightTransferUpdateInfo):
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
-    checksum: bool = False  # hash this update's bytes (only on the steps the driver checks)
+    checksum: bool = False  # hash this update's tensors (only on the steps the driver checks)
 
 
-def plan_buckets(nbytes: list[int], bucket_bytes: int) -> list[list[int]]:
-    """Group parameter indices, in order, into buckets of at most `bucket_bytes` (one oversize
-    parameter makes a bucket of its own). Sender and receivers derive the same plan from metadata."""
-    buckets: list[list[int]] = []
-    current: list[int] = []
-    size = 0
-    for i, n in enumerate(nbytes):
-        if current and size + n > bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += n
-    if current:
-        buckets.append(current)
-    return buckets
+class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostInitInfo, DuetHostUpdateInfo]):
+    """Receiving side, one per vLLM worker: buckets from the transport, cut into named tensors (views, no
+    copy), handed to `model.load_weights` bucket by bucket."""
 
-
-def pipelined_bucket_bytes(total_bytes: int, bucket_bytes: int) -> int:
-    """The bucket size both ends use: at most the configured size, but small enough that an update
-    has about 8 buckets (the engine loads bucket k while bucket k+1 is on the wire, so only the last
-    one's load is not hidden), and at least 4 MiB (each bucket costs one collective, ~0.3 ms here)."""
-    return min(bucket_bytes, max(4 << 20, -(-total_bytes // 8)))
-
-
-def param_nbytes(dtype: torch.dtype, shape: list[int] | tuple[int, ...]) -> int:
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    return numel * torch.empty((), dtype=dtype).element_size()
-
-
-def digest_of(bucket_digests: list[str]) -> str:
-    return hashlib.sha256("".join(bucket_digests).encode()).hexdigest()
-
-
-def open_group(address: str, port: int, rank: int, world_size: int, timeout_s: float):
-    """A gloo group outside the default process group, so it never collides with vLLM's or DeepSpeed's."""
-    store = torch.distributed.TCPStore(
-        address,
-        port,
-        world_size,
-        is_master=rank == 0,
-        timeout=timedelta(seconds=timeout_s),
-        wait_for_workers=False,
-    )
-    group = torch.distributed.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
-    return store, group
-
-
-class GlooWeightTransferEngine(
-    WeightTransferEngine[GlooWeightTransferInitInfo, GlooWeightTransferUpdateInfo]
-):
-    """Receiving side, one per vLLM worker.
-
-    Buckets are received into buffers kept across updates (one per bucket: the model's bytes once),
-    and the receive of bucket k+1 is already posted while bucket k is loaded. A buffer cannot be
-    refilled within one update: vLLM's layerwise reload keeps the tensors it was given until the
-    module that owns them is complete, and for some modules (padded vocabulary rows, attention
-    layers) that is only at `finish_weight_update`.
-    """
-
-    init_info_cls = GlooWeightTransferInitInfo
-    update_info_cls = GlooWeightTransferUpdateInfo
+    init_info_cls = DuetHostInitInfo
+    update_info_cls = DuetHostUpdateInfo
     supports_draft_weight_update = False
 
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
-        self.group = None
-        self.store = None
+        self.transport: NetworkReceiver | None = None
         self.bucket_bytes = 0
-        self.timeout = timedelta(seconds=600.0)
-        self.last_digest: str | None = None
         self.reload_open = False  # inside initialize/finalize_layerwise_reload
-        self.buffers: list[torch.Tensor] = []
         self.stats: dict[str, float] = {}
         self.opened = 0  # transfer groups opened and closed, so a test can see none is left behind
         self.closed = 0
 
-    def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
-        if self.group is not None:  # a second init replaces the group; never keep two open
+    def init_transfer_engine(self, init_info: DuetHostInitInfo) -> None:
+        if self.transport is not None:  # a second init replaces the transport; never keep two open
             self.shutdown()
-        rank = init_info.rank_offset + self.parallel_config.rank
         self.bucket_bytes = init_info.bucket_bytes
-        self.timeout = timedelta(seconds=init_info.timeout_s)
-        self.store, self.group = open_group(
-            init_info.master_address, init_info.master_port, rank, init_info.world_size, init_info.timeout_s
+        self.transport = NetworkReceiver(
+            init_info.master_address,
+            init_info.master_port,
+            init_info.rank_offset + self.parallel_config.rank,
+            init_info.world_size,
+            init_info.timeout_s,
         )
         self.opened += 1
 
@@ -150,53 +136,30 @@ class GlooWeightTransferEngine(
             finalize_layerwise_reload(self.model, self.model_config)
         initialize_layerwise_reload(self.model)
         self.reload_open = True
-        self.last_digest = None
-        self._bucket_digests: list[str] | None = None
+        self._begin_digest()
         self.stats = {"start_s": time.perf_counter() - t0}
 
-    def _arena(self, sizes: list[int]) -> list[torch.Tensor]:
-        if [b.numel() for b in self.buffers] != sizes:
-            self.buffers = [torch.empty(n, dtype=torch.uint8) for n in sizes]
-        return self.buffers
-
-    def receive_weights(self, update_info: GlooWeightTransferUpdateInfo) -> None:
-        if self.group is None:
-            raise RuntimeError("gloo weight transfer not initialised: call init_weight_transfer_engine first")
+    def receive_weights(self, update_info: DuetHostUpdateInfo) -> None:
+        if self.transport is None:
+            raise RuntimeError("weight transfer not initialised: call init_weight_transfer_engine first")
         dtypes = [getattr(torch, d) for d in update_info.dtype_names]
         sizes = [param_nbytes(d, s) for d, s in zip(dtypes, update_info.shapes)]
         buckets = plan_buckets(sizes, pipelined_bucket_bytes(sum(sizes), self.bucket_bytes))
-        buffers = self._arena([sum(sizes[i] for i in b) for b in buckets])
-        digests: list[str] | None = [] if update_info.checksum else None
-        wait_s = load_s = hash_s = 0.0
-        pending = self.group.broadcast(buffers[0], 0) if buckets else None
-        for k, bucket in enumerate(buckets):
+        receiver = self._receiving_model(self.model, update_info.checksum)
+        load_s = 0.0
+        for indices, buf in zip(buckets, self.transport.buckets([sum(sizes[i] for i in b) for b in buckets])):
             t0 = time.perf_counter()
-            pending.wait(self.timeout)
-            t1 = time.perf_counter()
-            # Post the next receive before loading this bucket: gloo's thread fills it meanwhile.
-            pending = self.group.broadcast(buffers[k + 1], 0) if k + 1 < len(buckets) else None
-            buf = buffers[k]
-            if digests is not None:
-                t = time.perf_counter()
-                digests.append(hashlib.sha256(buf.numpy()).hexdigest())
-                hash_s += time.perf_counter() - t
-            t2 = time.perf_counter()
-            tensors, offset = [], 0
-            for i in bucket:
-                t = buf[offset : offset + sizes[i]].view(dtypes[i]).view(update_info.shapes[i])
-                tensors.append((update_info.names[i], t.to(self.device)))
-                offset += sizes[i]
-            self.model.load_weights(tensors)
-            wait_s, load_s = wait_s + t1 - t0, load_s + time.perf_counter() - t2
-        self._bucket_digests = digests
-        self.stats = {
-            **self.stats,
-            "bytes": float(sum(sizes)),
-            "buckets": float(len(buckets)),
-            "receive_wait_s": wait_s,
-            "hash_s": hash_s,
-            "load_s": load_s,
-        }
+            tensors = cut_bucket(buf, indices, update_info.names, dtypes, update_info.shapes, sizes)
+            receiver.load_weights([(name, t.to(self.device)) for name, t in tensors])
+            load_s += time.perf_counter() - t0
+        hash_s = self._digest.seconds if self._digest is not None else 0.0
+        self.stats.update(
+            bytes=float(sum(sizes)),
+            buckets=float(len(buckets)),
+            receive_wait_s=self.transport.wait_s,
+            hash_s=hash_s,
+            load_s=load_s - hash_s,
+        )
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class synchronises the accelerator, which a CPU-only worker does not have.
@@ -211,30 +174,44 @@ class GlooWeightTransferEngine(
         finalize_layerwise_reload(self.model, self.model_config)
         self.stats["finalize_s"] = time.perf_counter() - t0
         self.reload_open = False
-        digests = getattr(self, "_bucket_digests", None)
-        self.last_digest = None if digests is None else digest_of(digests)
-
-    def floor(self, nbytes: int, reps: int) -> None:
-        """The transport's floor over this very group: receive `reps` flat buffers of `nbytes` from the
-        trainer and acknowledge each with one byte (see the trainer's `measure_floor`)."""
-        if self.group is None or self.group.size() != 2:
-            raise RuntimeError("the floor is measured over a transfer group of one trainer and one worker")
-        # Kept and touched once: the floor must not pay first-touch page faults on every call.
-        if getattr(self, "_floor_buf", None) is None or self._floor_buf.numel() != nbytes:
-            self._floor_buf = torch.zeros(nbytes, dtype=torch.uint8)
-        buf = self._floor_buf
-        ack = torch.zeros(1, dtype=torch.uint8)
-        for _ in range(reps):
-            self.group.broadcast(buf, 0).wait(self.timeout)
-            self.group.broadcast(ack, 1).wait(self.timeout)
+        self._finish_digest()
 
     def shutdown(self) -> None:
-        if self.group is not None:
+        if self.transport is not None:
+            self.transport.close()
             self.closed += 1
-        self.group = None
-        self.store = None
-        self.buffers = []
-        self._floor_buf = None
+        self.transport = None
+
+
+# ---------------------------------------------------------------- duet_nccl: vLLM's NCCL engine, checked
+@dataclass
+class DuetNCCLWeightTransferUpdateInfo(NCCLWeightTransferUpdateInfo):
+    checksum: bool = False  # hash this update's tensors (only on the steps the driver checks)
+
+
+class DuetNCCLWeightTransferEngine(ReceiveDigest, NCCLWeightTransferEngine):
+    """vLLM's NCCL engine, its receive path unchanged: while a checked update runs, the model it loads
+    into is a `HashingLoader`, so every tensor its packed (or one-by-one) consumer hands to
+    `model.load_weights` is hashed there, in arrival order (after its broadcast completed: the copy to the
+    host waits on the stream that received it)."""
+
+    update_info_cls = DuetNCCLWeightTransferUpdateInfo
+
+    def start_weight_update(self) -> None:
+        super().start_weight_update()
+        self._begin_digest()
+
+    def receive_weights(self, update_info: DuetNCCLWeightTransferUpdateInfo) -> None:
+        model = self.model
+        self.model = self._receiving_model(model, update_info.checksum)
+        try:
+            super().receive_weights(update_info)
+        finally:
+            self.model = model
+
+    def finish_weight_update(self) -> None:
+        super().finish_weight_update()
+        self._finish_digest()
 
 
 class DigestWorkerExtension:
@@ -249,15 +226,16 @@ class DigestWorkerExtension:
         engine = getattr(self, "weight_transfer_engine", None)
         if engine is None:
             return {}
+        transport = getattr(engine, "transport", None)
         return {
             **getattr(engine, "stats", {}),
-            "connected": getattr(engine, "group", None) is not None,
+            "connected": transport is not None or getattr(engine, "model_update_group", None) is not None,
             "opened": getattr(engine, "opened", 0),
             "closed": getattr(engine, "closed", 0),
         }
 
     def duet_transport_floor(self, nbytes: int, reps: int) -> None:
-        self.weight_transfer_engine.floor(nbytes, reps)
+        self.weight_transfer_engine.transport.floor(nbytes, reps)
 
     def duet_reseed(self, seed: int) -> None:
         """Reset the sampler's generator. Per-request seeds kill the CPU engine, so RolloutEngine.generate
@@ -279,6 +257,10 @@ def register() -> None:
         return
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-    if BACKEND not in WeightTransferEngineFactory._registry:
-        WeightTransferEngineFactory.register_engine(BACKEND, GlooWeightTransferEngine)
+    for name, cls in (
+        (BACKEND_HOST, DuetHostWeightTransferEngine),
+        (BACKEND_NCCL, DuetNCCLWeightTransferEngine),
+    ):
+        if name not in WeightTransferEngineFactory._registry:
+            WeightTransferEngineFactory.register_engine(name, cls)
     _registered = True

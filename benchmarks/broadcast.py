@@ -14,7 +14,7 @@ per size is reported apart.
 
 The floor, measured in the same run between the same two processes over the same gloo group: rank 0
 broadcasts one flat uint8 buffer of the same byte count and the engine's worker acknowledges with one
-byte (`GlooTrainerWeightTransferEngine.measure_floor`); floor and update reps alternate.
+byte (`DuetHostTrainerWeightTransferEngine.measure_floor`); floor and update reps alternate.
 
 Reported per size: median update and floor, their ratio, the overhead (update − floor), and where the
 time goes (sender: packing, waiting on the wire; engine worker: waiting on the wire, load_weights,
@@ -113,8 +113,8 @@ class Trainer:
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
         from learner.weight_sender import (
+            DuetHostTrainerInitInfo,
             EngineFleetClient,
-            GlooTrainerInitInfo,
             ZeroModuleSource,
             register_trainer_engine,
         )
@@ -123,7 +123,7 @@ class Trainer:
         with socket.socket() as s:
             s.bind(("", 0))
             address, port = ray.util.get_node_ip_address(), s.getsockname()[1]
-        info = GlooTrainerInitInfo(
+        info = DuetHostTrainerInitInfo(
             master_address=address, master_port=port, world_size=2, rank=0, bucket_bytes=BUCKET_BYTES
         )
         self.sender = WeightTransferTrainerFactory.trainer_init(

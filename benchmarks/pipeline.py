@@ -338,7 +338,7 @@ class _FloorPeer:
         """Rank 0 broadcasts a flat uint8 buffer; rank 1 acknowledges with 1 byte; times at rank 0."""
         import torch
 
-        from actors.weight_receiver import open_group
+        from actors.weight_transport import open_group
 
         store, group = open_group(address, port, rank, 2, 120.0)
         buf = torch.zeros(nbytes, dtype=torch.uint8) if rank else torch.ones(nbytes, dtype=torch.uint8)

@@ -415,9 +415,12 @@ class TrainConfig(_Section):
     check_weights_every_steps: int = Field(
         10,
         ge=0,
-        description="Prove engine weights equal the learner's (sha256 of the broadcast bytes at both ends, "
-        "versions, vLLM's per-parameter checksums across engines) on the first broadcast and every N-th "
-        "after it (0: never). Other steps skip the hashing and log sync/checksum_match null. Default 10: "
+        description="Prove engine weights equal the learner's (sha256 of every tensor as learner rank 0 sends "
+        "it and as each engine worker loads it, on every transport, NCCL included; versions; vLLM's "
+        "per-parameter checksums across engines) on the first broadcast and every N-th after it (0: never). "
+        "Other broadcasts skip the hashing and log sync/checksum_match null; a step that sends nothing "
+        "(train/skipped) logs the last check's value. On GPUs a check also copies each tensor to the host "
+        "at both ends. Default 10: "
         "a check costs about two sha256 passes over the weights (~1 s at 540 MB, ~4% of a 135M step), "
         "so checking every 10th keeps it under 0.5% while a broken transfer still shows within 10 steps.",
     )

@@ -67,6 +67,7 @@ class Trainer:
         self.producer: RolloutProducer | None = None  # asynchronous mode only
         # Control requests applied while a step waited for data (their events carry "during_step").
         self.applied_midstep: list[dict] = []
+        self.last_sync_check: bool | None = None  # the last checked broadcast's sync/checksum_match
         self.timeline: list[dict] = []  # who was busy when: engines, rewards, learner, broadcast
         self.resume_from = latest_checkpoint(run_dir) if resume else None
         if resume and self.resume_from is None:
@@ -256,10 +257,8 @@ class Trainer:
             t1 = time.perf_counter()
             self.version += 1
             checked = self.cfg.train.weights_checked(self.version)
-            timer = faults.point_later("broadcast.mid", self.step, faults.BROADCAST_DELAY_S)
+            faults.point_within("broadcast.mid", self.step, self.fleet.hold_next_update)
             sent = self.broadcast(checked)
-            if timer is not None:
-                timer.join()  # a transfer shorter than the delay: die right after it, before anything else
             t2 = time.perf_counter()
             metrics.update({"time/train_s": t1 - t0, "time/broadcast_s": t2 - t1})
             now = time.time()
@@ -274,7 +273,9 @@ class Trainer:
                     "time/train_s": 0.0,
                     "time/broadcast_s": 0.0,
                     "train/skipped": True,
-                    "sync/checksum_match": True,  # nothing was sent: the engines hold the checked weights
+                    # Nothing was sent: the engines hold what the last broadcast left, whose check says
+                    # what this step can (None: no broadcast checked yet).
+                    "sync/checksum_match": self.last_sync_check,
                 }
             )
         metrics["time/step_s"] = time.perf_counter() - t_step
@@ -308,12 +309,17 @@ class Trainer:
 
         def check() -> dict:
             versions = ray.get([e.weight_version.remote() for e in self.fleet.engines])
-            digests_ok = sent_digest is None or all(d == sent_digest for d in self.fleet.received_digests())
+            # On every transport, NCCL included: each worker's digest of what it loaded equals rank 0's.
+            digests_ok = sent_digest is not None and all(
+                d == sent_digest for d in self.fleet.received_digests()
+            )
             sums = self.fleet.checksums() if len(versions) > 1 else []
             ok = all(v == self.version for v in versions) and digests_ok and all(s == sums[0] for s in sums)
             return {"sync/checksum_match": bool(ok), "sync/engine_versions": versions}
 
-        return self.healer.retry(check, "died after a broadcast", self.version)
+        result = self.healer.retry(check, "died after a broadcast", self.version)
+        self.last_sync_check = result["sync/checksum_match"]
+        return result
 
     # ---- between steps: evaluation, the control API's requests, checkpoints ----
     def evaluate(self, n: int | None = None) -> dict:

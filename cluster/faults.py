@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 ENV = "DUET_FAULT_POINT"
 
@@ -22,7 +23,7 @@ ENV = "DUET_FAULT_POINT"
 POINTS = (
     "step.after_generate",  # the step's groups scored, nothing learned yet
     "step.after_learn",  # the learner stepped, the engines still hold the old weights
-    "broadcast.mid",  # the learner is sending weights (killed from a timer while the transfer runs)
+    "broadcast.mid",  # inside a weight update: engine 0 loaded the bytes, not finished (version not stamped)
     "step.before_metrics",  # weights broadcast, the step's metrics row not yet written
     "metrics.mid_write",  # half of the step's metrics row written
     "step.after_metrics",  # metrics row written, no checkpoint of this step yet
@@ -32,9 +33,6 @@ POINTS = (
     "checkpoint.after_rename",  # step_N complete, older checkpoints not yet pruned
     "resume.after_load",  # a resumed run loaded its checkpoint, metrics.jsonl not yet truncated
 )
-
-# How long after a broadcast starts `broadcast.mid` fires: the tiny model's transfer takes ~0.1-0.5 s.
-BROADCAST_DELAY_S = 0.05
 
 
 def _armed() -> dict[str, int]:
@@ -52,9 +50,10 @@ def armed_at(name: str, step: int) -> bool:
     return _armed().get(name) == step
 
 
-def crash(name: str, step: int) -> None:
+def crash(name: str, step: int, where: str | None = None) -> None:
     """SIGKILL this process's group, now (no cleanup, no flush: that is the point)."""
-    print(f"{ENV}: crashing at {name}:{step}", file=sys.stderr, flush=True)
+    said = f" ({where})" if where else ""
+    print(f"{ENV}: crashing at {name}:{step}{said}", file=sys.stderr, flush=True)
     try:
         os.killpg(os.getpgrp(), signal.SIGKILL)
     finally:
@@ -69,12 +68,12 @@ def point(name: str, step: int) -> None:
         crash(name, step)
 
 
-def point_later(name: str, step: int, delay_s: float) -> threading.Timer | None:
-    """A point reached `delay_s` from now, while the caller is busy (e.g. mid-broadcast); cancel the
-    returned timer when the work is done."""
+def point_within(name: str, step: int, hold: Callable[[], Callable[[], str]]) -> None:
+    """A point inside work the caller is about to start (e.g. a weight update), wherever the work's own
+    timing puts it: `hold()` makes the work stop at a known place inside itself and returns a wait that
+    ends, naming the place, once the work is held there; the driver then dies, from a side thread, while
+    the caller is still inside the work. (A timer fired after the tiny model's 20-45 ms transfers.)"""
     if not (os.environ.get(ENV) and armed_at(name, step)):
-        return None
-    timer = threading.Timer(delay_s, crash, args=(name, step))
-    timer.daemon = True
-    timer.start()
-    return timer
+        return
+    held = hold()
+    threading.Thread(target=lambda: crash(name, step, held()), daemon=True).start()

@@ -333,6 +333,13 @@ class RolloutFleet:
         """Each engine's loaded policy version; None for an engine that is dead."""
         return self._each("weight_version")
 
+    def hold_next_update(self) -> Callable[[], str]:
+        """Fault injection (cluster/faults.py, `broadcast.mid`): engine 0's next weight update stops inside
+        itself and stays there; returns a wait that ends, saying where, once it is held."""
+        engine = self.engines[0]
+        ray.get(engine.hold_next_update.remote())  # armed before the update can reach it
+        return lambda: ray.get(engine.held_inside_update.remote())
+
     def received_digests(self) -> list[str | None]:
         out = []
         for per_worker in ray.get([e.received_digest.remote() for e in self.engines]):

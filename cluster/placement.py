@@ -39,7 +39,7 @@ from cluster.config import Config
 @dataclass
 class Plan:
     device: str  # "cuda" | "cpu"
-    weight_transfer: str  # "nccl" | "gloo"
+    weight_transfer: str  # the engines' vLLM weight-transfer backend: "duet_nccl" | "duet_host"
     engine_bundles: list[dict[str, float]]
     learner_bundles: list[dict[str, float]]
     engine_env: list[dict[str, str]]  # per engine: vLLM CPU settings
@@ -145,7 +145,7 @@ def make_plan(cfg: Config, cluster_gpus: float | None = None) -> Plan:
         # the rest. NCCL refuses two ranks on one device, so the weights take the gloo path.
         return Plan(
             device="cuda",
-            weight_transfer="gloo",
+            weight_transfer="duet_host",
             engine_bundles=[{"GPU": COLOCATED_SHARE, "CPU": 1, **extra_engine}],
             learner_bundles=[{"GPU": COLOCATED_SHARE, "CPU": 1, **extra_learner}],
             engine_env=[{}],
@@ -156,7 +156,7 @@ def make_plan(cfg: Config, cluster_gpus: float | None = None) -> Plan:
     if device == "cuda":
         return Plan(
             device="cuda",
-            weight_transfer="nccl",
+            weight_transfer="duet_nccl",
             engine_bundles=[{"GPU": tp, "CPU": 1, **extra_engine} for _ in range(n)],
             learner_bundles=[{"GPU": cfg.learner.gpus_per_rank, "CPU": 1, **extra_learner} for _ in range(k)],
             engine_env=[{} for _ in range(n)],
@@ -172,7 +172,7 @@ def make_plan(cfg: Config, cluster_gpus: float | None = None) -> Plan:
         notes.append("synchronous loop: engines and learner take turns on the same cores")
     return Plan(
         device="cpu",
-        weight_transfer="gloo",
+        weight_transfer="duet_host",
         engine_bundles=[{"CPU": tp, **extra_engine} for _ in range(n)],
         learner_bundles=[{"CPU": 1, **extra_learner} for _ in range(k)],
         engine_env=env,

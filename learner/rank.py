@@ -360,10 +360,14 @@ class LearnerRank:
         bucket_bytes: int,
         timeout_s: float | None = None,
     ) -> None:
+        """`backend`: duet_host or duet_nccl (actors.weight_receiver)."""
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
+        from actors.weight_receiver import BACKEND_NCCL
         from learner.weight_sender import (
             TRANSFER_TIMEOUT_S,
+            DuetHostTrainerInitInfo,
+            DuetNCCLTrainerInitInfo,
             EngineFleetClient,
             ZeroModuleSource,
             register_trainer_engine,
@@ -374,10 +378,8 @@ class LearnerRank:
         client = EngineFleetClient(engine_handles, workers_per_engine, self.transfer_timeout_s)
         world = 1 + len(engine_handles) * workers_per_engine
         source = ZeroModuleSource(self.engine.module, self.learner.zero_stage)
-        if backend == "nccl":
-            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-
-            info = NCCLTrainerInitInfo(
+        if backend == BACKEND_NCCL:
+            info = DuetNCCLTrainerInitInfo(
                 master_address=address,
                 master_port=port,
                 world_size=world,
@@ -385,9 +387,7 @@ class LearnerRank:
                 packed_buffer_size_bytes=bucket_bytes,
             )
         else:
-            from learner.weight_sender import GlooTrainerInitInfo
-
-            info = GlooTrainerInitInfo(
+            info = DuetHostTrainerInitInfo(
                 master_address=address,
                 master_port=port,
                 world_size=world,
@@ -418,13 +418,24 @@ class LearnerRank:
         return {name: t.detach().to("cpu").clone() for name, t in source}
 
     def perturb(self, scale: float, seed: int) -> None:
-        """Add seeded noise to every weight (tests: prove that a broadcast really moves weights)."""
+        """Add seeded noise to every weight (tests: prove that a broadcast really moves weights). Under
+        ZeRO-3 each parameter is gathered (every rank), changed on rank 0 and partitioned again."""
+        import contextlib
+
+        import deepspeed
+
         g = torch.Generator().manual_seed(seed)
+        zero3 = self.learner.zero_stage == 3
         with torch.no_grad():
             for p in self.engine.module.parameters():
-                p.add_(
-                    torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype).to(p.device) * scale
+                whole = (
+                    deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+                    if zero3
+                    else contextlib.nullcontext()
                 )
+                with whole:
+                    noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+                    p.add_(noise.to(p.dtype).to(p.device) * scale)
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)

@@ -337,7 +337,7 @@ def custom_environment(prompt: str, completion: str, reference: str) -> tuple[fl
     return 1.0, {"names": sorted(os.environ)}
 
 
-# ---- helpers: a real engine, and the learner's gloo sender in the test process on a HF model ----
+# ---- helpers: a real engine, and the learner's sender in the test process on a HF model ----
 def start_engine(ray, tiny_model, core: str = "0"):
     from actors.rollout_engine import RolloutEngine
     from cluster.placement import cpu_engine_env
@@ -351,9 +351,14 @@ def start_engine(ray, tiny_model, core: str = "0"):
 
 
 def open_sender(model, client, bucket_bytes: int = 1 << 16, timeout_s: float = 60.0):
-    from learner.weight_sender import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine, ZeroModuleSource
+    """Learner rank 0's duet_host sender in the test process, over `model` (a Hugging Face model)."""
+    from learner.weight_sender import (
+        DuetHostTrainerInitInfo,
+        DuetHostTrainerWeightTransferEngine,
+        ZeroModuleSource,
+    )
 
-    info = GlooTrainerInitInfo(
+    info = DuetHostTrainerInitInfo(
         master_address="127.0.0.1",
         master_port=free_port(),
         world_size=2,
@@ -361,7 +366,7 @@ def open_sender(model, client, bucket_bytes: int = 1 << 16, timeout_s: float = 6
         bucket_bytes=bucket_bytes,
         timeout_s=timeout_s,
     )
-    return GlooTrainerWeightTransferEngine.trainer_init(
+    return DuetHostTrainerWeightTransferEngine.trainer_init(
         info, client=client, source=ZeroModuleSource(model, 0)
     )
 

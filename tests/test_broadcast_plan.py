@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.weight_receiver import pipelined_bucket_bytes, plan_buckets
+from actors.weight_transport import pipelined_bucket_bytes, plan_buckets
 from cluster.config import load_config
 
 

@@ -1,8 +1,8 @@
 """One GPU for a whole run (cluster.colocate, issue 12): the engine and the learner rank share it.
 
 On a one-GPU machine the plan used to ask for two GPUs (one engine, one learner rank) and preflight
-refused it. Colocated, each takes half of the GPU in Ray's accounting and the weights take the gloo
-path (NCCL refuses two ranks on one device). What a CPU can show is the plan, preflight and Ray's
+refused it. Colocated, each takes half of the GPU in Ray's accounting and the weights go through host
+memory (duet_host; NCCL refuses two ranks on one device). What a CPU can show is the plan, preflight and Ray's
 placement: on a Ray node with one logical GPU both bundles are placed and both actors, started with the
 plan's GPU shares, are given that GPU. vLLM and DeepSpeed on a real shared GPU: scripts/gpu-smoke.sh.
 """
@@ -19,16 +19,16 @@ COLOCATE = ["run.device=cuda", "cluster.colocate=true", "rollout.gpu_memory_util
 ONE_GPU = [Node("gpu", {"CPU": 8.0, "GPU": 1.0})]
 
 
-def test_colocated_plan_halves_one_gpu_and_sends_weights_by_gloo():
+def test_colocated_plan_halves_one_gpu_and_sends_weights_through_host_memory():
     plan = make_plan(load_config(overrides=COLOCATE))
-    assert plan.colocated and plan.device == "cuda" and plan.weight_transfer == "gloo"
+    assert plan.colocated and plan.device == "cuda" and plan.weight_transfer == "duet_host"
     half = [{"GPU": 0.5, "CPU": 1}]
     assert plan.engine_bundles == half and plan.learner_bundles == half
     assert plan.engine_gpus() == 0.5 and plan.learner_gpus() == 0.5
     assert shortfalls(plan, ONE_GPU) == []
     # the same run without colocate needs a GPU each: one GPU is short by one
     apart = make_plan(load_config(overrides=["run.device=cuda"]))
-    assert not apart.colocated and apart.weight_transfer == "nccl"
+    assert not apart.colocated and apart.weight_transfer == "duet_nccl"
     assert "missing {GPU: 1}" in shortfalls(apart, ONE_GPU)[0]
     # colocate means nothing on CPU
     assert not make_plan(load_config(overrides=[*COLOCATE[1:], "run.device=cpu"])).colocated

@@ -88,6 +88,8 @@ def check_after_kill(run_dir: Path, rc: int, err: str, fault: str) -> None:
     but is not: every `step_*` folder is complete, every metrics row but a cut last one is valid."""
     assert rc == -signal.SIGKILL, (rc, err[-3000:])
     assert f"crashing at {fault}" in err, err[-3000:]
+    if fault.startswith("broadcast.mid"):  # inside the transfer, not after it
+        assert "inside its weight update: bytes received and loaded, not finished" in err, err[-3000:]
     root = run_dir / "checkpoints"
     for folder in root.iterdir() if root.exists() else []:
         if checkpoint_step(folder) is not None:
@@ -183,7 +185,7 @@ def launch_and_kill_the_learner(run: Path, model_cache: Path) -> tuple[int, str]
 def test_four_kills_chained_then_the_run_equals_a_straight_one(tmp_path, model_cache, tiny_model):
     run, straight = tmp_path / "run", tmp_path / "straight"
     chain = [
-        "step.after_learn:2",  # mid-step: learned, not broadcast, no metrics, no checkpoint of step 2
+        "broadcast.mid:2",  # mid-step: learned, the engine inside the weight update, no checkpoint of step 2
         "checkpoint.during_write:3",  # DeepSpeed's files of step 3 written, driver_state.json not yet
         "learner",  # the learner rank SIGKILLed while the driver lives
         "metrics.mid_write:4",  # half of step 4's metrics row on disk

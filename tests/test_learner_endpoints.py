@@ -57,7 +57,7 @@ def test_rendezvous_on_rank0_node(two_node_ray, tiny_model):
         """An engine's side of the weight-transfer rendezvous, reduced to joining the group."""
 
         def init_weight_transfer_engine(self, info: dict) -> None:
-            from actors.weight_receiver import open_group
+            from actors.weight_transport import open_group
 
             self.info = info
             self.store, self.group = open_group(
@@ -79,7 +79,7 @@ def test_rendezvous_on_rank0_node(two_node_ray, tiny_model):
 
         # The weight transfer: the engines are told rank 0's node, at a port rank 0 binds.
         peer = RendezvousPeer.remote()
-        learner.init_broadcast([peer], 1, "gloo")
+        learner.init_broadcast([peer], 1, "duet_host")
         given = ray.get(peer.given.remote())
         assert given["master_address"] == rank0_address, given
         assert _listens(rank0["pid"], given["master_port"]), "rank 0 does not listen on the transfer port"

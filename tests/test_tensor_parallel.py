@@ -73,7 +73,7 @@ def test_two_engines_of_two_workers_receive_the_weights(local_ray, tiny_model):
     try:
         fleet.start(2)
         assert fleet.workers_per_engine == 2
-        learner.init_broadcast(fleet.engines, fleet.workers_per_engine, "gloo")
+        learner.init_broadcast(fleet.engines, fleet.workers_per_engine, "duet_host")
         learner.perturb(0.05, seed=3)
         sent = learner.broadcast(5)
         assert sent["digest"] is not None
