@@ -344,6 +344,15 @@ class AlgorithmConfig(_Section):
         False, description="Replace dropped groups with fresh prompts so the batch keeps its size."
     )
     max_refill_rounds: int = Field(4, ge=1, description="Refill generation rounds per step, at most.")
+    extend_tied_to: int = Field(
+        0,
+        ge=0,
+        description="Pair-aware sampling (0: off). A group whose rewards all tie gets more rollouts of its "
+        "prompt, doubling from rollout.group_size (2, 4, 8 ...) up to this many, until its rewards differ; "
+        "the learner then trains on one disagreeing pair drawn from it (docs/algorithm.md), and a group still "
+        "tied at this size is dropped. A power-of-two multiple of rollout.group_size, greater than it, at "
+        "most 16; needs filter_tied.",
+    )
     overlong: OverlongMode = Field(
         "none", description="Completions cut at max_tokens: kept, masked out, or penalised."
     )
@@ -640,7 +649,25 @@ class Config(_Section):
                 "learner.zero_stage=2, or learner.grad_accum_dtype=model to accumulate in "
                 f"{self.model.dtype}"
             )
+        if self.algorithm.extend_tied_to:
+            self._check_extension()
         return self
+
+    def _check_extension(self) -> None:
+        cap, g = self.algorithm.extend_tied_to, self.rollout.group_size
+        ratio = cap // g
+        if cap <= g or cap > 16 or cap % g or ratio & (ratio - 1):
+            raise ValueError(
+                f"algorithm.extend_tied_to={cap}: a tied group doubles from rollout.group_size ({g}), so "
+                f"this must be {g} times a power of two, greater than {g} and at most 16 "
+                f"({', '.join(str(g * 2**k) for k in range(1, 5) if g * 2**k <= 16) or 'none fits'}), "
+                "or 0 (off)"
+            )
+        if not self.algorithm.filter_tied:
+            raise ValueError(
+                f"algorithm.extend_tied_to={cap} needs algorithm.filter_tied=true: a group still tied at "
+                f"{cap} rollouts is dropped before the learner"
+            )
 
     def _check_colocate(self) -> None:
         r, lr = self.rollout, self.learner

@@ -27,6 +27,7 @@ from cluster.config import Config
 from cluster.control import RunControl, start_control
 from cluster.data import PromptStream, load_prompts
 from cluster.evaluation import eval_metrics, eval_prompts, evaluate
+from cluster.extension import extend_tied, for_learner
 from cluster.fleet import ENGINE_FAILURES, WAIT_NOTE_S
 from cluster.healing import FleetHealer
 from cluster.pipeline import RolloutProducer
@@ -138,9 +139,10 @@ class Trainer:
         return self.learn(batch, scored, metrics, t_step)
 
     def rollout_sync(self) -> tuple[list[ScoredGroup], list[ScoredGroup], dict]:
-        """Generate and score the step's prompts, through the queue (which drops tied groups); with
-        algorithm.refill (DAPO's dynamic sampling, the paper's 2-GRPO+RS), refill dropped groups with
-        fresh prompts. Returns (batch, every group scored, timings)."""
+        """Generate and score the step's prompts (tied groups extended, with algorithm.extend_tied_to), and
+        put them through the queue, which drops tied groups; with algorithm.refill (DAPO's dynamic
+        sampling, the paper's 2-GRPO+RS), refill dropped groups with fresh prompts. Returns (batch, every
+        group as generated, timings)."""
         cfg, want = self.cfg, self.cfg.rollout.prompts_per_step
         metrics = dict.fromkeys(("time/generate_s", "time/reward_s", "time/reward_wait_s"), 0.0)
         scored: list[ScoredGroup] = []
@@ -149,15 +151,13 @@ class Trainer:
         prompts = self.prompts.take(want)
         rounds = 0
         while True:
-            groups, timing = self.generate_and_score(prompts, rounds)
-            for key in metrics:
-                metrics[key] += timing[key]
+            groups = self.rollouts(prompts, rounds, metrics)
             scored += groups
             # In slices the queue can hold, each taken before the next is put: `put` waits while the
             # queue is full, and nothing else takes in the synchronous loop.
             cap = cfg.train.queue_capacity_groups
             for i in range(0, len(groups), cap):
-                ray.get(self.queue.put.remote(groups[i : i + cap]))
+                ray.get(self.queue.put.remote([for_learner(g) for g in groups[i : i + cap]]))
                 batch += ray.get(self.queue.take.remote(cap, self.version, None))
             rounds += 1
             if not cfg.algorithm.refill or len(batch) >= want or rounds >= cfg.algorithm.max_refill_rounds:
@@ -166,16 +166,34 @@ class Trainer:
         metrics["refill/rounds"] = rounds
         return batch, scored, metrics
 
-    def generate_and_score(self, prompts: list[Prompt], round_: int) -> tuple[list[ScoredGroup], dict]:
-        """G completions per prompt, scored as each engine's chunk arrives (scoring overlaps generation).
-        Round `round_` of the step (refill) has its own sampling seed. A chunk whose engine died or hangs
-        (no chunk back for `rollout.stall_check_s`) is generated again after the healer has replaced the
-        engine; see RolloutFleet.generate."""
+    def rollouts(self, prompts: list[Prompt], round_: int, timing: dict) -> list[ScoredGroup]:
+        """G completions per prompt, scored; with algorithm.extend_tied_to, tied groups get more
+        (cluster/extension.py), on the same weights. Each generation has its own sampling seed, fixed by
+        (step, refill round `round_`, extension round), so a resumed run makes the same decisions. Adds
+        the generations' times to `timing`."""
+
+        def more(chunk: list[Prompt], n: int, extension_round: int) -> list[ScoredGroup]:
+            # Extension rounds step the seed by a prime beyond any step's refill rounds.
+            seed = self.cfg.run.seed * 1_000_003 + self.step * 101 + round_ + 50_021 * extension_round
+            groups, spent = self.generate_and_score(chunk, n, seed)
+            for key in spent:
+                timing[key] += spent[key]
+            return groups
+
+        groups = more(prompts, self.cfg.rollout.group_size, 0)
+        cap = self.cfg.algorithm.extend_tied_to
+        return extend_tied(groups, cap, more) if cap else groups
+
+    def generate_and_score(self, prompts: list[Prompt], n: int, seed: int) -> tuple[list[ScoredGroup], dict]:
+        """n completions per prompt, scored as each engine's chunk arrives (scoring overlaps generation),
+        sampled from `seed`: the one place the synchronous loop makes completions (extension rounds ask it
+        too). A chunk whose engine died or hangs (no chunk back for `rollout.stall_check_s`) is generated
+        again after the healer has replaced the engine; see RolloutFleet.generate."""
         t0 = time.perf_counter()
         chunks = self.fleet.generate(
             prompts,
-            self.cfg.rollout.group_size,
-            seed=self.cfg.run.seed * 1_000_003 + self.step * 101 + round_,
+            n,
+            seed=seed,
             on_failure=lambda engine_id, e: self.healer.replaced(engine_id, e, self.version),
             on_stall=self.heal_stalled,
             label=f"step {self.step}",

@@ -61,12 +61,32 @@ class ScoredGroup:
     completions: list[Completion]
     rewards: list[float]
     reasons: list[str]
+    # Pair-aware sampling (cluster/extension.py). On a group that got more rollouts because its first ones
+    # tied: how many completions its first round made (the rest, in generation order, came from
+    # extension rounds). None: never extended.
+    first_round: int | None = None
+    # On the pair drawn from an extended group for the learner: the oldest policy version of the whole
+    # group, the one the staleness bound checks.
+    drawn_from_version: int | None = None
 
     @property
     def tied(self) -> bool:
         return max(self.rewards) == min(self.rewards)
 
     @property
+    def first_round_tied(self) -> bool:
+        """Whether the first round's rewards tied (the group was extended, or dropped without extension)."""
+        first = self.rewards[: self.first_round or len(self.rewards)]
+        return max(first) == min(first)
+
+    @property
+    def extension_rollouts(self) -> int:
+        """Completions made by extension rounds (0 for a group never extended)."""
+        return 0 if self.first_round is None else len(self.completions) - self.first_round
+
+    @property
     def version(self) -> int:
-        """The oldest policy version that contributed a token to this group."""
-        return min(c.version_start for c in self.completions)
+        """The oldest policy version that contributed a token to this group (for a pair drawn from an
+        extended group: to the group it was drawn from)."""
+        oldest = min(c.version_start for c in self.completions)
+        return oldest if self.drawn_from_version is None else min(oldest, self.drawn_from_version)

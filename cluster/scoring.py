@@ -79,28 +79,39 @@ def final_rewards(
 def group_metrics(
     scored: list[ScoredGroup], batch: list[ScoredGroup], version: int, filter_tied: bool
 ) -> dict[str, Any]:
-    """What a step generated (`scored`) and trained on (`batch`), for metrics.jsonl."""
+    """What a step generated (`scored`: every group as generated, extension rounds included) and trained
+    on (`batch`), for metrics.jsonl. Rollouts, tokens and the verifier's reasons count everything
+    generated; the reward, tie and completion statistics describe the first round, the step's prompts as
+    the policy answered them (pair-aware sampling samples tied prompts again, which would bias them)."""
     completions = [c for s in scored for c in s.completions]
-    rewards = [r for s in scored for r in s.rewards]
+    first = [(c, r) for s in scored for c, r in list(zip(s.completions, s.rewards))[: s.first_round or None]]
     tied = sum(s.tied for s in scored)
+    extended = [s for s in scored if s.first_round is not None]
     reasons: dict[str, int] = {}
     for s in scored:
         for why in s.reasons:
             kind = why.split(":")[0]
             reasons[kind] = reasons.get(kind, 0) + 1
     tokens = sum(len(c.token_ids) for c in completions)
+    first_tokens = sum(len(c.token_ids) for c, _ in first)
+    with_signal = len(scored) - tied
     return {
         "rollouts": len(completions),
+        "rollouts/extension": sum(s.extension_rollouts for s in extended),
+        # All rollouts generated per group that carried a gradient (None: none did).
+        "rollouts/per_signal_group": len(completions) / with_signal if with_signal else None,
         "tokens/generated": tokens,
-        "reward/mean": sum(rewards) / max(len(rewards), 1),
-        "reward/tied_fraction": tied / max(len(scored), 1),
+        "reward/mean": sum(r for _, r in first) / max(len(first), 1),
+        "reward/tied_fraction": sum(s.first_round_tied for s in scored) / max(len(scored), 1),
         "groups/total": len(scored),
-        "groups/with_signal": len(scored) - tied,
+        "groups/with_signal": with_signal,
+        "groups/extended": len(extended),
+        "groups/tied_at_cap": sum(s.tied for s in extended),
         "groups/dropped_tied": tied if filter_tied else 0,
         "groups/trained": len(batch),
-        "completions/truncated_fraction": sum(c.finish_reason == "length" for c in completions)
-        / max(len(completions), 1),
-        "completions/mean_length": tokens / max(len(completions), 1),
+        "completions/truncated_fraction": sum(c.finish_reason == "length" for c, _ in first)
+        / max(len(first), 1),
+        "completions/mean_length": first_tokens / max(len(first), 1),
         **{f"reward/reason/{k}": v for k, v in sorted(reasons.items())},
         "staleness/mean": sum(version - s.version for s in batch) / max(len(batch), 1),
         "data/prompts": [s.prompt.index for s in scored],

@@ -8,6 +8,7 @@ no dense [groups, G] tensor is ever built.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import get_args
 
 import torch
@@ -120,3 +121,62 @@ def pair_advantage_magnitude(std: str) -> float:
     """
     _check("std", std, STDS)
     return 1.0 if std == "population" else 1.0 / math.sqrt(2.0)
+
+
+def extended_pair(rewards: Sequence[float]) -> tuple[int, int] | None:
+    """The pair an extended group trains on: (i⁺, i⁻), the positions of the first completion with the
+    group's highest reward and of the first with its lowest, in generation order; None for a tied group.
+
+    Pair-aware sampling (`algorithm.extend_tied_to` = K) gives a group whose G first rewards all tie more
+    rollouts of its prompt, doubling its size up to K, until its rewards differ. The learner then trains on
+    this one disagreeing pair, with the usual pair advantages ±c (`compute_advantages` on the two rewards):
+    the DPO form of 2-GRPO and its cost per group. With binary rewards the completions of a group are
+    exchangeable, so the first correct one is a draw from π(·|correct) and the first wrong one from
+    π(·|wrong), independent of where they fell: a uniform draw of one correct and one wrong completion.
+    Its expected gradient for a prompt of success rate p is c(p)·∇p (`extended_pair_weight`).
+    """
+    if len(rewards) == 0:
+        return None
+    hi, lo = max(rewards), min(rewards)
+    if hi == lo:
+        return None
+    return list(rewards).index(hi), list(rewards).index(lo)
+
+
+def extended_pair_weight(p: float, cap: int) -> float:
+    """A prompt's weight c(p) in the expected gradient c(p)·∇p of pair-aware 2-GRPO with binary rewards,
+    the group extended up to `cap` = K completions (K = 2: plain 2-GRPO), for pair advantages ±1:
+
+        c(p) = (1 − p^K − (1 − p)^K) / (p·(1 − p)).
+
+    Why: the pair (y⁺, y⁻) contributes ∇log π(y⁺) − ∇log π(y⁻). Since ∇p = E[1{y correct}·∇log π(y)] and
+    E[∇log π(y)] = 0, E[∇log π(y) | correct] = ∇p/p and E[∇log π(y) | wrong] = −∇p/(1 − p): a disagreeing
+    pair gives ∇p/(p(1 − p)) in expectation. A group disagrees by its K-th completion unless all K agree,
+    with probability 1 − p^K − (1 − p)^K. For K = 2 that is 2p(1 − p), so c = 2 for every p: plain
+    2-GRPO weighs every prompt alike. For K = 8, relative to p = ½: 1.59 at p = 0.1 and 1.92 at p = 0.02
+    (16-GRPO: 1.47 and 1.86, `grpo_prompt_weight`). Exact for sequence-level log-probs (the estimator's
+    REINFORCE form); `seq_mean_token_mean` uses each completion's mean token log-prob instead.
+    """
+    if not 0.0 < p < 1.0 or cap < 2:
+        raise ValueError(f"need 0 < p < 1 and cap >= 2, got p={p}, cap={cap}")
+    return (1.0 - p**cap - (1.0 - p) ** cap) / (p * (1.0 - p))
+
+
+def grpo_prompt_weight(p: float, G: int) -> float:
+    """A prompt's weight c(p) in the expected gradient c(p)·∇p of G-GRPO (population std, eps = 0) with
+    binary rewards, per completion of the group (the loss averages over the batch's sequences):
+
+        c(p) = Σ_k Binom(k; G, p) · √(p̂_k (1 − p̂_k)) / (p·(1 − p)),   p̂_k = k / G.
+
+    Why: with k of G correct, Σ_i A_i ∇log π(y_i) = G·√(p̂(1 − p̂))·(mean over the correct − mean over the
+    wrong of ∇log π) (docs/algorithm.md, the general-G form), whose expectation given k is
+    G·√(p̂(1 − p̂))·∇p/(p(1 − p)); divided by the G sequences it adds to the batch. For G = 2 this is ½ of
+    `extended_pair_weight(p, 2)` (a pair's two sequences): the same for every p. For G = 16, relative to
+    p = ½: 1.47 at p = 0.1, 1.86 at p = 0.02.
+    """
+    if not 0.0 < p < 1.0 or G < 2:
+        raise ValueError(f"need 0 < p < 1 and G >= 2, got p={p}, G={G}")
+    total = sum(
+        math.comb(G, k) * p**k * (1.0 - p) ** (G - k) * math.sqrt(k / G * (1.0 - k / G)) for k in range(G + 1)
+    )
+    return total / (p * (1.0 - p))

@@ -1,5 +1,6 @@
 """Advantage estimators against hand-computed tables (eps = 0 unless stated, so the numbers are exact)."""
 
+import itertools
 import math
 
 import pytest
@@ -7,7 +8,10 @@ import torch
 
 from learner.advantages import (
     compute_advantages,
+    extended_pair,
+    extended_pair_weight,
     filter_tied_groups,
+    grpo_prompt_weight,
     pair_advantage_magnitude,
     tied_fraction_expected,
 )
@@ -228,3 +232,70 @@ def test_tied_fraction_expected():
     assert math.isclose(tied_fraction_expected(0.9, 3), 0.729 + 0.001)
     with pytest.raises(ValueError):
         tied_fraction_expected(1.5, 2)
+
+
+def test_extended_pair_is_the_first_highest_and_the_first_lowest():
+    # generation order: the first round's two, then the extension rounds' (2, then 4)
+    assert extended_pair([0, 0, 0, 0, 1, 0, 1, 0]) == (4, 0)
+    assert extended_pair([1, 1, 1, 0]) == (0, 3)
+    assert extended_pair([0.5, -1.0, 1.0, -1.0]) == (2, 1)  # not binary (overlong penalty): extremes
+    assert extended_pair([1, 1, 1, 1]) is None and extended_pair([]) is None
+    # the drawn pair trains with the usual pair advantages: ±1 (population std), ±1/√2 (sample)
+    rewards = [0, 0, 0, 0, 1, 0, 1, 0]
+    i, j = extended_pair(rewards)
+    assert adv([rewards[i], rewards[j]], [0, 0]).tolist() == [1.0, -1.0]
+    torch.testing.assert_close(
+        adv([rewards[i], rewards[j]], [0, 0], std="sample"), torch.tensor([IR2, -IR2], dtype=torch.float64)
+    )
+
+
+def test_extended_pair_weight_by_hand():
+    # K = 8, p = ½: (1 − 2/256)/(1/4) = 3.96875
+    assert extended_pair_weight(0.5, 8) == pytest.approx(3.96875, abs=1e-12)
+    # p = 0.1: 0.9^8 = 0.43046721, 0.1^8 = 1e-8 → (1 − 0.43046722)/0.09 = 6.328141...; / 3.96875 = 1.5945
+    assert extended_pair_weight(0.1, 8) == pytest.approx(0.56953278 / 0.09, abs=1e-9)
+    assert extended_pair_weight(0.1, 8) / extended_pair_weight(0.5, 8) == pytest.approx(1.5945, abs=1e-4)
+    # p = 0.02: 0.98^8 = 0.8507630226 → 0.1492369774/0.0196 = 7.614131; / 3.96875 = 1.9185
+    assert extended_pair_weight(0.02, 8) / extended_pair_weight(0.5, 8) == pytest.approx(1.9185, abs=1e-4)
+    # K = 4 helps far less: (1 − 0.6561 − 0.0001)/0.09 = 3.82 vs (1 − 2/16)/(1/4) = 3.5 at ½ → 1.0914
+    assert extended_pair_weight(0.1, 4) / extended_pair_weight(0.5, 4) == pytest.approx(3.82 / 3.5, abs=1e-12)
+    # K = 2 is plain 2-GRPO: 2p(1 − p)/(p(1 − p)) = 2 for every prompt
+    for p in (0.02, 0.1, 0.5, 0.9):
+        assert extended_pair_weight(p, 2) == pytest.approx(2.0, abs=1e-12)
+    # 16-GRPO, for comparison (the issue's 1.47 and 1.86); 2-GRPO per sequence is half a pair's 2
+    assert grpo_prompt_weight(0.1, 16) / grpo_prompt_weight(0.5, 16) == pytest.approx(1.4724, abs=1e-4)
+    assert grpo_prompt_weight(0.02, 16) / grpo_prompt_weight(0.5, 16) == pytest.approx(1.8629, abs=1e-4)
+    assert grpo_prompt_weight(0.3, 2) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        extended_pair_weight(0.0, 8)
+
+
+def test_extended_pair_gradient_is_its_formula_exactly():
+    """The expected gradient of the pair drawn from a group extended 2 → 4 → 8, enumerated exactly over
+    every way the rollouts can fall, equals c(p)·∇p. The policy: a softmax over four one-token answers,
+    two of them correct (so the pair is a draw within each class, not a fixed answer)."""
+    torch.manual_seed(0)
+    theta = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    pi = torch.softmax(theta, 0)
+    probs = pi.detach().tolist()
+    correct = {0, 1}
+    cap = 8
+    weight = [0.0] * 4  # E[1{y⁺ = o} − 1{y⁻ = o}]
+
+    def draw(prefix: tuple[int, ...], prob: float) -> None:
+        pair = extended_pair([float(o in correct) for o in prefix])
+        if pair is not None:
+            weight[prefix[pair[0]]] += prob
+            weight[prefix[pair[1]]] -= prob
+        elif len(prefix) < cap:  # tied: as many more as it has
+            for more in itertools.product(range(4), repeat=len(prefix)):
+                draw(prefix + more, prob * math.prod(probs[o] for o in more))
+
+    for first in itertools.product(range(4), repeat=2):
+        draw(first, math.prod(probs[o] for o in first))
+    objective = (torch.tensor(weight, dtype=torch.float64) * pi.log()).sum()
+    (pair_grad,) = torch.autograd.grad(objective, theta, retain_graph=True)
+    p = pi[0] + pi[1]
+    (grad_p,) = torch.autograd.grad(p, theta)
+    expected = extended_pair_weight(float(p.detach()), cap) * grad_p
+    torch.testing.assert_close(pair_grad, expected, rtol=1e-12, atol=1e-14)

@@ -68,6 +68,7 @@ def test_replay_queue_staleness_ties_and_backpressure(local_ray):
 
 @pytest.mark.integration
 def test_async_run_bounded_staleness(tmp_path, model_cache, tiny_model):
+    """With pair-aware sampling on (issue 23): tied pairs are extended to 4 rollouts in the producer."""
     run = tmp_path / "run"
     proc = run_duet(
         "train",
@@ -75,6 +76,7 @@ def test_async_run_bounded_staleness(tmp_path, model_cache, tiny_model):
         str(run),
         "train.steps=6",
         "train.max_staleness_versions=1",
+        "algorithm.extend_tied_to=4",
         "train.check_weights_every_steps=1",
         "rollout.prompts_per_step=16",
         f"model.cache_dir={model_cache}",
@@ -87,8 +89,16 @@ def test_async_run_bounded_staleness(tmp_path, model_cache, tiny_model):
     assert [m["policy_version"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     for m in metrics:
         assert m["groups/trained"] == 16
+        # the group's oldest version (its first rollouts') is what the bound checks
         assert all(int(age) <= 1 for age in m["staleness/histogram"])  # never older than k versions
         assert m["sync/checksum_match"] is True
+        # Extension: the counts add up, and only finished groups were queued (and reported): every group
+        # whose first pair tied was extended, and those still tied have reached the cap.
+        assert m["rollouts"] == 2 * m["groups/total"] + m["rollouts/extension"]
+        assert m["rollouts/extension"] == 2 * m["groups/extended"]  # 2 → 4, one round each
+        assert m["groups/extended"] == round(m["groups/total"] * m["reward/tied_fraction"])
+        assert m["groups/with_signal"] == m["groups/total"] - m["groups/tied_at_cap"]
+    assert sum(m["groups/extended"] for m in metrics) > 0, "no group was extended: nothing tested"
     assert (run / "timeline.jsonl").read_text().count('"component": "learner"') == 6
     # Generation overlapped training: some trained groups were made under an older policy than the one
     # that trained on them (age > 0), which a loop that waits for its own generation never shows.

@@ -35,6 +35,8 @@ RUN = [
     "run.dashboard=false",
     "run.ray_metrics=false",
     "rewards.num_workers=1",
+    # Pair-aware sampling (issue 23): a resumed run must make the same extension decisions.
+    "algorithm.extend_tied_to=8",
 ]
 
 
@@ -151,12 +153,16 @@ def check_equals_straight_run(run_dir: Path, straight: Path) -> None:
         assert x["data/prompts"] == y["data/prompts"]  # same data order
         for key in ("reward/mean", "groups/with_signal", "tokens/generated", "policy_version"):
             assert x[key] == y[key], (x["step"], key)
+        # the same extension decisions: which groups grew, how far, and which pairs were trained
+        for key in ("groups/extended", "groups/tied_at_cap", "rollouts/extension", "data/trained_prompts"):
+            assert x[key] == y[key], (x["step"], key)
         # A step whose groups all tied trains nothing and has no loss: then in both runs.
         assert ("train/loss" in x) == ("train/loss" in y), (x["step"], "trained in one run only")
         if "train/loss" in x:
             assert abs(x["train/loss"] - y["train/loss"]) < 1e-6
             assert abs(x["train/grad_norm"] - y["train/grad_norm"]) < 1e-5
     assert any("train/loss" in x for x in a), "no step trained: nothing to compare"
+    assert any(x["groups/extended"] for x in a), "no group was extended: no decision to compare"
     wa = load_file(complete_checkpoints(straight)[-1] / "hf" / "model.safetensors")
     wb = load_file(complete_checkpoints(run_dir)[-1] / "hf" / "model.safetensors")
     assert wa.keys() == wb.keys()
