@@ -207,7 +207,9 @@ def eval_prompts(cfg: Config, files: Sequence[str | Path] = ()) -> list[Prompt]:
         return [Prompt(i, p.text, p.answer, p.source) for i, p in enumerate(prompts)]
     if cfg.data.path is not None:
         raise ConfigError("eval.path: required to evaluate when data.path is set (no held-out set)")
-    rows = synthetic_rows(e.synthetic_problems, cfg.data.synthetic_max_operand, e.synthetic_seed)
+    rows = synthetic_rows(
+        e.synthetic_problems, cfg.data.synthetic_max_operand, e.synthetic_seed, cfg.data.synthetic_task
+    )
     return prompts_from_rows(
         rows, prompt_template=cfg.data.prompt_template, max_prompts=e.max_prompts, origin="synthetic"
     )
@@ -331,6 +333,7 @@ def _parser() -> argparse.ArgumentParser:
 def eval_main(argv: list[str]) -> int:
     """`duet eval`: validate everything, start engines and reward workers, evaluate, report."""
     from cluster.runtime import check_model, init_ray, resolve_model
+    from envs.base import check_environment
 
     args = _parser().parse_args(argv)
     try:
@@ -338,6 +341,7 @@ def eval_main(argv: list[str]) -> int:
         cfg = config_from_arguments(args, *([f"model.path={args.model}"] if args.model else []))
         prompts = eval_prompts(cfg, args.dataset)
         check_model(cfg)
+        check_environment(cfg)
         if cfg.rewards.verifier == "custom" and not cfg.rewards.custom_function:
             raise ConfigError(
                 "rewards.custom_function: required by rewards.verifier=custom (package.module:function)"
@@ -351,22 +355,30 @@ def eval_main(argv: list[str]) -> int:
 
     from cluster.fleet import RolloutFleet
     from cluster.placement import make_plan
+    from envs.pool import ToolPoolError, shutdown_tool_pool, start_tool_pool, wait_tool_pool
     from rewards.pool import RewardPool
 
     sampling, n = cfg.eval.sampling(), cfg.eval.samples_per_prompt
     owns_ray = not ray.is_initialized()
     init_ray(cfg)
-    fleet = pool = None
+    fleet = pool = tools = None
     try:
         fleet = RolloutFleet(cfg, make_plan(cfg), model_path)
+        tools = start_tool_pool(cfg)  # env.name != none: episodes, as in training
         pool = RewardPool(cfg.rewards)
         fleet.start(cfg.rollout.num_engines)
+        if tools is not None:
+            wait_tool_pool(tools)
+            fleet.tools = tools
         print(
             f"duet eval: {len(prompts)} problems × {n} samples on {cfg.rollout.num_engines} engine(s), "
             f"model {model_path}",
             file=sys.stderr,
         )
         summary = evaluate(fleet, pool, prompts, n, sampling, cfg.rewards.verifier)
+    except ToolPoolError as e:  # e.g. the python tool on a host that cannot isolate it
+        print(f"duet eval: {e}", file=sys.stderr)
+        return 1
     finally:
         for part in (fleet, pool):
             if part is not None:
@@ -374,6 +386,8 @@ def eval_main(argv: list[str]) -> int:
                     part.shutdown()
                 except Exception:
                     pass
+        if tools is not None:
+            shutdown_tool_pool(tools)
         if owns_ray:
             ray.shutdown()
     print(format_table(summary))
@@ -385,6 +399,7 @@ def eval_main(argv: list[str]) -> int:
             "samples_per_prompt": n,
             "sampling": sampling.model_dump(),
             "verifier": cfg.rewards.verifier,
+            "env": cfg.env.name,
             **summary,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
