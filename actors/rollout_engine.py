@@ -56,7 +56,10 @@ class RolloutEngine:
         seed: int = 0,
         weight_transfer_backend: str = "gloo",
         initial_version: int = 0,
+        gpu_memory_wait_s: float | None = None,
     ) -> None:
+        """`gpu_memory_wait_s` (on GPUs): wait at most this long for the GPUs to have the memory vLLM asks
+        before starting it (actors/gpu_memory.py); None starts vLLM at once."""
         # vLLM reads the CPU settings (threads, KV cache) from the environment, set per actor by the driver.
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -100,6 +103,17 @@ class RolloutEngine:
             # A prefix cached under old weights must not serve a request after a weight update.
             enable_prefix_caching=False,
         )
+        if gpu_memory_wait_s is not None:
+            # An engine killed on these GPUs may still hold their memory (it is given back some time after the
+            # kill), and vLLM refuses to start short of it: wait for what vLLM's own start-up check asks.
+            from actors.gpu_memory import nvml_reader, wait_for_gpu_memory
+
+            wait_for_gpu_memory(
+                nvml_reader(tensor_parallel_size),
+                gpu_memory_utilization,
+                gpu_memory_wait_s,
+                label=f"RolloutEngine {engine_id}",
+            )
         self.engine = AsyncLLM.from_engine_args(args)
 
     def ready(self) -> dict:

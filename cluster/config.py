@@ -186,6 +186,14 @@ class RolloutConfig(SamplingConfig):
     gpu_memory_utilization: float = Field(
         0.85, gt=0.0, le=1.0, description="Share of each engine GPU's memory vLLM may take."
     )
+    gpu_memory_wait_s: float = Field(
+        120.0,
+        ge=0.0,
+        description="On GPUs: longest wait, in seconds, of a starting engine for its GPUs to have the free memory "
+        "vLLM asks at start (gpu_memory_utilization of each GPU's total), e.g. while the memory of an engine "
+        "killed on that GPU is given back; past it the engine fails naming the GPU, the numbers and the "
+        "processes holding it. 0: no wait (vLLM's own check decides at once).",
+    )
     cpu_kvcache_gib: int = Field(
         1, ge=1, description="KV cache per engine on CPU, in GiB (whole GiB: vLLM reads an int)."
     )

@@ -2,8 +2,9 @@
 server (FastAPI, served from a thread of the driver) and its command-line clients, `duet status` and
 `duet scale`.
 
-    GET  /status       anyone who can reach the port: step, versions, engines, queue, last metrics, and
-                       "state": "paused" once a pause has taken effect
+    GET  /status       anyone who can reach the port: step, versions, engines, queue, last metrics,
+                       "state": "paused" once a pause has taken effect, and "waiting" while a step waits
+                       for its data (asynchronous mode: {"step", "for", "since"})
     POST /scale        {"engines": N}                       Authorization: Bearer <token>
     POST /pause        (no body, or {})                     Authorization: Bearer <token>
     POST /resume       (no body, {}, or {"steps": N})       Authorization: Bearer <token>
@@ -13,8 +14,9 @@ server (FastAPI, served from a thread of the driver) and its command-line client
 The HTTP layer only checks, parses and forwards to a Controller. The driver's Controller is RunControl:
 its methods are called from the server's threads while the training loop runs, so they are thread-safe
 and return at once. Scale and checkpoint are queued ({"accepted": true, "request_id": ...}) and the loop
-applies them between steps (`RunControl.apply`), when nothing is in flight. A ValueError from the
-controller becomes 400 with its message.
+applies them between steps (`RunControl.apply`), when nothing is in flight, or, in asynchronous mode, while
+a step waits for its data (the driver's `rollout_async`; the checkpoint is then of the last step trained).
+A ValueError from the controller becomes 400 with its message.
 
 The driver writes RUN_DIR/control.json (url and token, mode 0600) so that `duet status --run-dir` and
 `duet scale --run-dir` find the server without the token on a command line. Without a token the
@@ -71,6 +73,7 @@ class RunControl:
         self.paused = paused  # asked for: the loop stops at its next point between steps
         self._held = False  # the loop has stopped there (status "state": "paused")
         self._steps_to_pause: int | None = None  # resume(steps=N): steps left before pausing again
+        self._waiting: dict | None = None  # what the step in progress waits for (until it is published)
 
     def status(self) -> dict:
         with self._lock:
@@ -79,6 +82,8 @@ class RunControl:
                 status["state"] = "paused"
             if self._steps_to_pause is not None:
                 status["steps_before_pause"] = self._steps_to_pause
+            if self._waiting is not None:
+                status["waiting"] = dict(self._waiting)
             return status
 
     def scale(self, engines: int) -> dict:
@@ -111,6 +116,13 @@ class RunControl:
     def checkpoint(self) -> dict:
         return self._queue("checkpoint")
 
+    def waiting(self, step: int, what: str) -> None:
+        """Step `step` waits for `what` (its data): /status shows it, with since when, until the step is
+        published. Requests sent from then on are applied while it waits."""
+        with self._lock:
+            since = self._waiting["since"] if self._waiting and self._waiting["step"] == step else time.time()
+            self._waiting = {"step": step, "for": what, "since": since}
+
     def publish(
         self, step: int, steps: int, version: int, engine_versions: dict[int, int | None], metrics: dict
     ) -> None:
@@ -127,6 +139,7 @@ class RunControl:
         }
         with self._lock:
             self._status = status
+            self._waiting = None
             if self._steps_to_pause is not None:
                 self._steps_to_pause -= 1
                 if self._steps_to_pause == 0:

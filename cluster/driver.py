@@ -65,7 +65,8 @@ class Trainer:
         self.control = RunControl(run_dir, cfg.rollout.max_engines, paused=cfg.control.start_paused)
         self.watchdog = Watchdog(cfg.watchdog)
         self.producer: RolloutProducer | None = None  # asynchronous mode only
-        self.applied_midstep: list[dict] = []  # control requests applied while a step waited for data
+        # Control requests applied while a step waited for data (their events carry "during_step").
+        self.applied_midstep: list[dict] = []
         self.timeline: list[dict] = []  # who was busy when: engines, rewards, learner, broadcast
         self.resume_from = latest_checkpoint(run_dir) if resume else None
         if resume and self.resume_from is None:
@@ -222,12 +223,15 @@ class Trainer:
             if not lost and time.monotonic() - last_group > stall_s:
                 self.healer.heal_hung(f"no group for {stall_s:g} s", self.version)
                 last_group = time.monotonic()
-            self.applied_midstep += self.control.apply(self.resize_fleet, self.checkpoint_last_step)
+            applied = self.control.apply(self.resize_fleet, self.checkpoint_last_step)
+            self.applied_midstep += [dict(event, during_step=self.step) for event in applied]
             got = ray.get(self.queue.take.remote(want - len(batch), self.version, 1.0))
             now = time.monotonic()
             if got:
                 last_group = now
             batch += got
+            if len(batch) < want:  # /status says so; a request sent from now on is applied in this wait
+                self.control.waiting(self.step, f"data: {len(batch)}/{want} groups")
             if now - last_note > WAIT_NOTE_S and len(batch) < want:
                 last_note = now
                 print(

@@ -18,9 +18,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.rollout_engine import RolloutEngine
 from cluster.config import Config, SamplingConfig
-from cluster.liveness import DEAD, FAILED, SILENT, poll
+from cluster.liveness import DEAD, FAILED, SILENT, await_ready, poll
 from cluster.placement import Plan
-from cluster.preflight import wait_placed
+from cluster.preflight import PreflightError, wait_placed
 from cluster.records import Completion, Prompt
 
 # What a call on an engine raises when the engine died: its actor (RayActorError), or vLLM's processes
@@ -38,6 +38,7 @@ class RolloutFleet:
         self.ids: list[int] = []
         self.next_id = 0
         self.events: list[dict] = []  # replacements and scaling, for metrics.jsonl
+        self.launch_version = 0  # the policy version the engines of `launch` start at
         # The synchronous loop asks for reproducible batches (exact resume); the async one keeps streaming.
         self.deterministic = cfg.train.max_staleness_versions == 0
         # With an environment (env.name != none): the ToolPool actor, set by whoever starts it. Every
@@ -57,7 +58,6 @@ class RolloutFleet:
         env.update(VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
         pg = placement_group([bundle])
         wait_placed(pg, self.cfg.cluster.placement_timeout_s, f"RolloutEngine {i}")
-        r = self.cfg.rollout
         engine = RolloutEngine.options(
             num_cpus=bundle.get("CPU", 1),
             # The actor holds all its bundle's GPUs: a tensor-parallel engine's mp workers inherit its
@@ -66,20 +66,27 @@ class RolloutFleet:
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
             runtime_env={"env_vars": env},
             max_concurrency=64,
-        ).remote(
-            i,
-            self.model_path,
-            dtype=self.cfg.model.dtype,
-            max_model_len=r.max_model_len,
-            tensor_parallel_size=self.plan.tensor_parallel_size,
-            distributed_executor_backend=self.plan.engine_executor,
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            enforce_eager=r.enforce_eager,
-            seed=self.cfg.run.seed + i,
-            weight_transfer_backend=self.plan.weight_transfer,
-            initial_version=version,
-        )
+        ).remote(i, self.model_path, **self.engine_kwargs(i, version))
         return i, engine, pg
+
+    def engine_kwargs(self, i: int, version: int) -> dict:
+        """RolloutEngine's settings for engine `i`, starting at policy `version`."""
+        r = self.cfg.rollout
+        return {
+            "dtype": self.cfg.model.dtype,
+            "max_model_len": r.max_model_len,
+            "tensor_parallel_size": self.plan.tensor_parallel_size,
+            "distributed_executor_backend": self.plan.engine_executor,
+            "gpu_memory_utilization": r.gpu_memory_utilization,
+            "enforce_eager": r.enforce_eager,
+            "seed": self.cfg.run.seed + i,
+            "weight_transfer_backend": self.plan.weight_transfer,
+            "initial_version": version,
+            # On GPUs a predecessor's memory may not be free yet (actors/gpu_memory.py); CPUs have no such wait.
+            "gpu_memory_wait_s": r.gpu_memory_wait_s
+            if self.plan.device == "cuda" and r.gpu_memory_wait_s
+            else None,
+        }
 
     def start(self, n: int, version: int = 0) -> None:
         self.launch(n, version)
@@ -88,6 +95,7 @@ class RolloutFleet:
     def launch(self, n: int, version: int = 0) -> None:
         """Place and create n engines without waiting for vLLM to load: the caller starts the learner
         meanwhile (each takes 10-30 s on a CPU), then calls `wait_ready`. `shutdown` releases them either way."""
+        self.launch_version = version
         for _ in range(n):
             i, e, pg = self._start_one(version)
             self.ids.append(i)
@@ -95,8 +103,46 @@ class RolloutFleet:
             self.groups.append(pg)
 
     def wait_ready(self) -> None:
-        """Until every engine has loaded its model (an engine that fails to start raises here)."""
-        ray.get([e.ready.remote() for e in self.engines])
+        """Until every engine has loaded its model; an engine that fails to start raises here. One lost with its
+        node before it was ready is placed again, as a new engine in its slot (cluster/liveness.py)."""
+        await_ready({e.ready.remote(): k for k, e in enumerate(self.engines)}, self._place_again)
+
+    def _place_again(self, k: int, node: str) -> ray.ObjectRef:
+        """The engine in slot k was lost with its node before it was ready: a new engine in a new placement
+        group (the node is no longer offered). Returns its `ready` call."""
+        old = self.ids[k]
+        print(
+            f"duet: RolloutEngine {old} was lost with its node {node} before it was ready; placing it again",
+            file=sys.stderr,
+            flush=True,
+        )
+        with contextlib.suppress(Exception):
+            ray.kill(self.engines[k])
+        with contextlib.suppress(Exception):
+            remove_placement_group(self.groups[k])
+        i, engine, pg = self._start_again(old, node, self.launch_version)
+        self.ids[k], self.engines[k], self.groups[k] = i, engine, pg
+        self.events.append(
+            {
+                "time": time.time(),
+                "event": "engine_replaced",
+                "old": old,
+                "new": i,
+                "reason": f"lost with its node {node} before it was ready",
+            }
+        )
+        return engine.ready.remote()
+
+    def _start_again(self, old: int, node: str, version: int):
+        """`_start_one` for an engine whose predecessor was lost with its node; when the cluster can no longer
+        hold it, the error names that node."""
+        try:
+            return self._start_one(version)
+        except PreflightError as e:
+            raise PreflightError(
+                f"RolloutEngine {old} was lost with its node {node} before it was ready, and cannot be placed "
+                f"again: {e}"
+            ) from None
 
     def submit(
         self,
@@ -224,7 +270,7 @@ class RolloutFleet:
         groups are released first. `answers`: the old actor still answers calls (only vLLM under it died).
         The new engines load side by side: several engines lost at once (a node) cost one start, not one
         each."""
-        started = []
+        started: dict[int, tuple] = {}  # slot -> (reason, new id, new engine, its placement group)
         for k, (reason, answers) in dead.items():
             if answers:  # its vLLM died under it: the actor shuts down what is left of vLLM's processes
                 with contextlib.suppress(Exception):
@@ -232,17 +278,29 @@ class RolloutFleet:
             with contextlib.suppress(Exception):  # already dead
                 ray.kill(self.engines[k])
             remove_placement_group(self.groups[k])
-            started.append((k, reason, *self._start_one(version)))
+            started[k] = (reason, *self._start_one(version))
+
+        def place_again(k: int, node: str) -> ray.ObjectRef:
+            """A new engine lost with its node (e.g. the one that just died) before it was ready."""
+            reason, lost, engine, pg = started[k]
+            with contextlib.suppress(Exception):
+                ray.kill(engine)
+            with contextlib.suppress(Exception):
+                remove_placement_group(pg)
+            started[k] = (reason, *self._start_again(lost, node, version))
+            return started[k][2].ready.remote()
+
         try:
-            ray.get([e.ready.remote() for *_, e, _ in started])
+            await_ready({engine.ready.remote(): k for k, (_, _, engine, _) in started.items()}, place_again)
         except Exception:
             # None half-kept: the slots still hold the dead ones, for the next heal.
-            for _, _, _, e, pg in started:
+            for _, _, e, pg in started.values():
                 with contextlib.suppress(Exception):
                     ray.kill(e)
-                remove_placement_group(pg)
+                with contextlib.suppress(Exception):
+                    remove_placement_group(pg)
             raise
-        for k, reason, i, e, pg in started:
+        for k, (reason, i, e, pg) in started.items():
             old_id = self.ids[k]
             self.ids[k], self.engines[k], self.groups[k] = i, e, pg
             self.events.append(
@@ -296,5 +354,8 @@ class RolloutFleet:
                 pass
             ray.kill(e)
         for pg in self.groups:
-            remove_placement_group(pg)
+            with contextlib.suppress(
+                Exception
+            ):  # one released already (an engine that could not be placed again)
+                remove_placement_group(pg)
         self.engines, self.groups, self.ids = [], [], []

@@ -1,4 +1,5 @@
-"""Ask several actors at once, with one deadline, and tell the dead from the slow.
+"""Ask several actors at once, with one deadline, and tell the dead from the slow; and wait for actors
+being started, starting again those lost with their node before they were ready.
 
 `ray.get` on a list raises on the first failure and `ray.wait` says only what is ready, so the
 per-actor verdict that fault handling needs (answered / dead / silent) is written here, once.
@@ -6,9 +7,14 @@ per-actor verdict that fault handling needs (answered / dead / silent) is writte
 
 from __future__ import annotations
 
-from typing import Any
+import re
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ray
+
+K = TypeVar("K")
 
 ANSWERED, DEAD, SILENT, FAILED = "answered", "dead", "silent", "failed"
 
@@ -29,3 +35,59 @@ def poll(refs: list[ray.ObjectRef], timeout_s: float) -> list[tuple[str, Any]]:
         except ray.exceptions.RayTaskError:
             out.append((FAILED, None))
     return out
+
+
+# ---- start-up: actors that die before they are ready ----
+# After a node is lost, Ray lists it alive until the GCS has missed enough of its health checks (about 15-30 s
+# by default), and meanwhile may send an actor there: an actor placed without resources goes to a node the
+# GCS picks at random among those alive; one placed in a placement group whose bundle the node held waits for
+# it. When the GCS declares the node dead it fails such an actor (max_restarts=0: "The actor never ran")
+# and stops offering the node, so the same actor started again goes elsewhere. Ray names the node only in
+# the message (GcsActorManager::GenNodeDiedCause), hence the pattern.
+_NODE_DIED = re.compile(r"its node has died\. Node Id: ([0-9a-f]+)")
+
+
+def lost_with_node(error: BaseException) -> str | None:
+    """When `error` says an actor died because its node died, that node's address (its id when Ray no
+    longer lists it); else None: a failure of the actor's own code or process, which a new start repeats."""
+    if not isinstance(error, ray.exceptions.RayActorError) or error.actor_init_failed:
+        return None
+    found = _NODE_DIED.search(str(error))
+    if found is None:
+        return None
+    node_id = found.group(1)
+    return next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), node_id[:12])
+
+
+class NotReady(TimeoutError):
+    """Some actors did not answer `ready` before the deadline; `keys` says which."""
+
+    def __init__(self, keys: list, timeout_s: float) -> None:
+        super().__init__(f"{keys} not ready within {timeout_s:g} s")
+        self.keys = keys
+
+
+def await_ready(
+    pending: dict[ray.ObjectRef, K],
+    start_again: Callable[[K, str], ray.ObjectRef],
+    timeout_s: float | None = None,
+) -> None:
+    """Wait for every `ready` call in `pending` (its ref -> the caller's key for that actor). An actor that
+    died with its node before it answered is started again (`start_again(key, node address)` returns the new
+    actor's `ready` ref), as often as that happens; any other failure is raised at once. Past `timeout_s`
+    (None: no deadline) raises NotReady with the keys still waited for."""
+    pending = dict(pending)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+        if not done:
+            raise NotReady(sorted(pending.values()), timeout_s or 0.0)
+        key = pending.pop(done[0])
+        try:
+            ray.get(done[0])
+        except ray.exceptions.RayActorError as e:
+            node = lost_with_node(e)
+            if node is None:
+                raise
+            pending[start_again(key, node)] = key

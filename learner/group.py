@@ -7,7 +7,9 @@ shards them across ranks balanced by tokens, and runs one optimizer step on ever
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sys
 import time
 from typing import Any
 
@@ -16,7 +18,8 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import Config
-from cluster.liveness import DEAD, poll
+from cluster.liveness import DEAD, await_ready, poll
+from cluster.preflight import PreflightError, wait_placed
 from cluster.records import ScoredGroup
 from learner.advantages import compute_advantages
 from learner.losses import overlong_adjust
@@ -74,22 +77,52 @@ class LearnerGroup:
         """`gpus_per_rank`: what each rank holds of its bundle's GPUs, the plan's `learner_gpus()` (half of
         one when the learner shares its GPU with the engine; none on CPU)."""
         self.cfg = cfg
+        self.placement_group = placement_group
         k = cfg.learner.num_ranks
-        self.workers = [
-            LearnerWorker.options(
+
+        def new_rank(rank: int) -> Any:
+            return LearnerWorker.options(
                 num_cpus=1,
                 num_gpus=gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group, placement_group_bundle_index=bundle_offset + rank
                 ),
             ).remote(rank, k, cfg, model_path, device, threads)  # derived defaults already resolved
-            for rank in range(k)
-        ]
-        # The process group's store listens in learner rank 0's own process, on its node: ask it.
-        self.process_group_endpoint: tuple[str, int] = ray.get(self.workers[0].open_endpoint.remote())
-        ray.get([w.join.remote(*self.process_group_endpoint) for w in self.workers])
+
+        self._new_rank = new_rank
+        self.workers = [new_rank(rank) for rank in range(k)]
+        try:
+            # A rank lost with its node before it was ready starts again on its bundle, which Ray places again
+            # on an alive node (cluster/liveness.py); the process group forms once every rank is ready.
+            await_ready({w.ready.remote(): rank for rank, w in enumerate(self.workers)}, self._start_again)
+            # The process group's store listens in learner rank 0's own process, on its node: ask it.
+            self.process_group_endpoint: tuple[str, int] = ray.get(self.workers[0].open_endpoint.remote())
+            ray.get([w.join.remote(*self.process_group_endpoint) for w in self.workers])
+        except BaseException:
+            self.shutdown()  # no rank left holding its bundle (or a half-formed process group)
+            raise
         self.broadcast_endpoint: tuple[str, int] | None = None
         self.batches = 0  # train_step calls so far: seeds the mini-batch shuffle (kept in checkpoints)
+
+    def _start_again(self, rank: int, node: str) -> ray.ObjectRef:
+        """Rank `rank` was lost with its node before it was ready: a new one on its bundle, once Ray has placed
+        the bundle again (it reschedules a lost node's bundles), within cluster.placement_timeout_s."""
+        print(
+            f"duet: learner rank {rank} was lost with its node {node} before it was ready; starting it again",
+            file=sys.stderr,
+            flush=True,
+        )
+        with contextlib.suppress(Exception):
+            ray.kill(self.workers[rank])
+        try:
+            wait_placed(self.placement_group, self.cfg.cluster.placement_timeout_s, "learner")
+        except PreflightError as e:
+            raise PreflightError(
+                f"learner rank {rank} was lost with its node {node} before it was ready, and its bundle cannot be "
+                f"placed again: {e}"
+            ) from None
+        self.workers[rank] = self._new_rank(rank)
+        return self.workers[rank].ready.remote()
 
     def ready_info(self) -> list[dict]:
         """Each rank's {"rank", "pid", "node"}."""
@@ -228,4 +261,5 @@ class LearnerGroup:
 
     def shutdown(self) -> None:
         for w in self.workers:
-            ray.kill(w)
+            with contextlib.suppress(Exception):  # already dead
+                ray.kill(w)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -27,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.config import RewardsConfig
-from cluster.liveness import DEAD, poll
+from cluster.liveness import DEAD, NotReady, await_ready, poll
 from cluster.records import VerifyItem, VerifyResult
 from rewards.remote import RemoteVerifier
 from rewards.verifiers import safe_echo
@@ -115,10 +116,21 @@ class RewardPool:
         self._remote = RemoteVerifier.from_config(cfg) if cfg.remote_url else None
         self._workers = [self._new_worker(i) for i in range(self.num_workers)]
         try:
-            ray.get([w.ready.remote() for w in self._workers], timeout=ready_timeout_s)
-        except (GetTimeoutError, RayActorError, RayTaskError) as e:
+            # A worker lost with its node before it was ready (a node lost moments before, which Ray still
+            # listed alive) is started again elsewhere: see cluster/liveness.py.
+            ready = {w.ready.remote(): slot for slot, w in enumerate(self._workers)}
+            await_ready(ready, self._start_again, ready_timeout_s)
+        except (NotReady, RayActorError, RayTaskError) as e:
             self.shutdown()
-            raise RuntimeError(f"RewardPool: workers did not start: {e}") from e
+            why = (
+                f"workers {e.keys} gave no answer within {ready_timeout_s:g} s"
+                if isinstance(e, NotReady)
+                else e
+            )
+            lost = "; ".join(f"worker {r['worker']} {r['reason']}" for r in self.replaced)
+            raise RuntimeError(
+                f"RewardPool: workers did not start: {why}" + (f" ({lost})" if lost else "")
+            ) from e
         self._proven.update(self._workers)
         self._jobs = ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward-pool")
         self._remote_jobs = ThreadPoolExecutor(max_workers=2, thread_name_prefix="reward-remote")
@@ -199,6 +211,16 @@ class RewardPool:
 
     def _new_worker(self, index: int) -> Any:
         return RewardWorker.options(**self._actor_options).remote(self._cfg_dict, index)
+
+    def _start_again(self, slot: int, node: str) -> Any:
+        """Worker `slot` was lost with its node before it was ready: a new one, and its `ready` call."""
+        print(
+            f"duet: reward worker {slot} was lost with its node {node} before it was ready; starting it again",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._replace(slot, self._workers[slot], f"lost with its node {node} before it was ready")
+        return self._workers[slot].ready.remote()
 
     def _replace(self, slot: int, dead: Any, reason: str) -> None:
         """Replace the worker in `slot` if it is still `dead` (several jobs may notice the same death)."""

@@ -130,7 +130,7 @@ class SimCluster:
         return subprocess.run(["ip", "netns", "exec", node.netns, *cmd], env=env or self.env, **kw)
 
 
-def _ray_start(cluster: SimCluster, node: SimNode, head: bool) -> None:
+def _ray_start(cluster: SimCluster, node: SimNode, head: bool, system_config: dict | None = None) -> None:
     ray_bin = str(Path(sys.executable).parent / "ray")
     cmd = [
         ray_bin, "start", "--disable-usage-stats", f"--temp-dir={node.temp_dir}",
@@ -142,6 +142,8 @@ def _ray_start(cluster: SimCluster, node: SimNode, head: bool) -> None:
             "--head", f"--port={GCS_PORT}", "--include-dashboard=true", "--dashboard-host=0.0.0.0",
             f"--dashboard-port={DASHBOARD_PORT}",
         ]  # fmt: skip
+        if system_config:
+            cmd += [f"--system-config={json.dumps(system_config)}"]
     else:
         cmd += [f"--address={cluster.head.address}:{GCS_PORT}"]
     if node.resources:
@@ -183,10 +185,13 @@ def sim_cluster(
     worker_gpus: list[int] | None = None,
     private_dirs: dict[int, list[str]] | None = None,
     start_timeout_s: float = 300,
+    system_config: dict | None = None,
 ):
     """A head (no CPUs, no GPUs) and one worker node per entry of `workers` (its custom resources),
     with `worker_cpus` CPUs and `worker_gpus[i]` logical GPUs each. `private_dirs[i]`: folders that
-    node i (0: the head, 1: worker1, ...) sees as empty storage of its own, not shared."""
+    node i (0: the head, 1: worker1, ...) sees as empty storage of its own, not shared. `system_config`:
+    Ray's system settings for the cluster (`ray start --head --system-config`), e.g. how long its GCS takes
+    to declare a lost node dead (health_check_period_ms × health_check_failure_threshold)."""
     why_not = netns_available()
     if why_not:
         raise RuntimeError(why_not)
@@ -235,7 +240,7 @@ def sim_cluster(
             Path(f"/etc/netns/{ns}/hosts").write_text(
                 f"127.0.0.1 localhost\n{address} {socket.gethostname()}\n"
             )
-        _ray_start(cluster, cluster.head, head=True)
+        _ray_start(cluster, cluster.head, head=True, system_config=system_config)
         deadline = time.monotonic() + start_timeout_s
         for node in cluster.workers:
             _ray_start(cluster, node, head=False)

@@ -1,6 +1,7 @@
 """Schema-driven fuzzing (schemathesis) of the two HTTP APIs, served for real on loopback ports:
 `duet serve-reward` (`python -m rewards.server`, real sandbox children) and the driver's control API
-(cluster.control.make_app under the real ControlServer, with a small but real stateful controller).
+(cluster.control.make_app under the real ControlServer, answering for the driver's real RunControl, whose
+queued requests a thread applies as the training loop does).
 
 Each operation of each app's own OpenAPI description gets requests that fit it (positive) and
 requests that break it (negative: wrong types, missing fields, out-of-range numbers...), plus raw
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,7 +26,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from cluster.config import RewardsConfig
-from cluster.control import MAX_BODY_BYTES, ControlServer
+from cluster.control import MAX_BODY_BYTES, ControlServer, RunControl
 from cluster.control import make_app as make_control_app
 from rewards.server import make_app as make_reward_app
 from tests.helpers import REPO as ROOT
@@ -40,60 +42,60 @@ FUZZ_SETTINGS = settings(
 )
 
 
-class SmallController:
-    """A real controller in miniature: it holds state, refuses what the driver refuses (ValueError ->
-    400) and counts every call that got through, so a call that should have been refused shows."""
+class DrivenControl:
+    """The driver's own controller, `RunControl`, driven by a thread as the training loop drives it: before
+    each step the queued requests are applied (`RunControl.apply`, which holds while paused), after it the
+    step is published (`RunControl.publish`, which counts `POST /resume {"steps": N}` down). The scale and
+    checkpoint callbacks record what was applied, so a request that should have been refused shows."""
 
-    def __init__(self, max_engines: int = 8) -> None:
-        self.max_engines = max_engines
-        self.engines = 1
-        self.paused = False
-        self.checkpoints = 0
-        self.calls = 0
-        self._lock = threading.Lock()
+    def __init__(self, run_dir: Path, max_engines: int = 8) -> None:
+        self.control = RunControl(run_dir, max_engines=max_engines)
+        self.scaled: list[int] = []
+        self.checkpoints: list[str] = []
+        self.steps = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fuzz-loop", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.control.apply(self.scaled.append, self._checkpoint)
+            self.steps += 1
+            self.control.publish(self.steps, 10**9, self.steps, {0: self.steps}, {"train/loss": 0.0})
+            time.sleep(0.002)
+
+    def _checkpoint(self) -> Path:
+        path = Path(self.control.run_dir) / "checkpoints" / f"step_{self.steps:06d}"
+        self.checkpoints.append(str(path))
+        return path
+
+    def drained(self) -> None:
+        """Until every request queued so far has been applied: the loop has gone round twice (not paused)."""
+        seen = self.steps
+        deadline = time.monotonic() + 30
+        while self.steps < seen + 2:
+            assert time.monotonic() < deadline, "the loop did not go round"
+            time.sleep(0.01)
 
     def snapshot(self) -> tuple:
-        with self._lock:
-            return (self.engines, self.paused, self.checkpoints, self.calls)
+        """What a state-changing call changes: the pause, the steps left before it, what was applied."""
+        status = self.control.status()
+        return (status["paused"], status.get("steps_before_pause"), len(self.scaled), len(self.checkpoints))
 
-    def status(self) -> dict:
-        with self._lock:
-            return {"engines": self.engines, "paused": self.paused, "checkpoints": self.checkpoints}
-
-    def scale(self, engines: int) -> dict:
-        if engines > self.max_engines:
-            raise ValueError(f"engines must be <= {self.max_engines}")
-        with self._lock:
-            self.calls += 1
-            self.engines = engines
-        return {"accepted": True, "engines": engines}
-
-    def pause(self) -> dict:
-        with self._lock:
-            self.calls += 1
-            self.paused = True
-        return {"paused": True}
-
-    def resume(self, steps: int | None = None) -> dict:
-        with self._lock:
-            self.calls += 1
-            self.paused = False
-        return {"paused": False, "steps": steps}
-
-    def checkpoint(self) -> dict:
-        with self._lock:
-            self.calls += 1
-            self.checkpoints += 1
-        return {"accepted": True}
+    def stop(self) -> None:
+        self._stop.set()
+        self.control.resume()  # a paused loop holds inside apply
+        self._thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def control_api():
-    controller = SmallController()
-    server = ControlServer(controller, "127.0.0.1", 0, TOKEN)
+def control_api(tmp_path_factory):
+    driven = DrivenControl(tmp_path_factory.mktemp("run"))
+    server = ControlServer(driven.control, "127.0.0.1", 0, TOKEN)
     url = server.start()
-    yield url, controller
+    yield url, driven
     server.stop()
+    driven.stop()
 
 
 @pytest.fixture(scope="module")
@@ -165,23 +167,36 @@ def _summary(seen: list) -> str:
 
 
 def test_control_api_fuzzed_with_token(control_api) -> None:
-    url, controller = control_api
+    url, driven = control_api
     seen: list = []
-    fuzz(make_control_app(controller, TOKEN).openapi(), url, {"Authorization": f"Bearer {TOKEN}"}, seen)
-    print(f"control API with token: {len(seen)} requests; {_summary(seen)}")
+    fuzz(make_control_app(driven.control, TOKEN).openapi(), url, {"Authorization": f"Bearer {TOKEN}"}, seen)
+    driven.control.resume()  # the fuzz may have left the loop paused, holding requests it has not applied
+    driven.drained()
+    print(
+        f"control API with token: {len(seen)} requests; {_summary(seen)}; applied: {len(driven.scaled)} scale, "
+        f"{len(driven.checkpoints)} checkpoint requests over {driven.steps} loop steps"
+    )
     posts = [code for method, _, _, code in seen if method == "POST"]
     assert 200 in posts and any(400 <= code < 500 for code in posts)  # both sides were reached
+    # Every scale request accepted reached the loop, and only counts RunControl allows (1..max_engines).
+    accepted = sum(1 for method, path, _, code in seen if (method, path, code) == ("POST", "/scale", 200))
+    assert len(driven.scaled) == accepted > 0, (len(driven.scaled), accepted)
+    assert all(1 <= n <= driven.control.max_engines for n in driven.scaled), sorted(set(driven.scaled))
+    assert driven.checkpoints, "no checkpoint request reached the loop"
 
 
 def test_control_api_fuzzed_without_token_changes_nothing(control_api) -> None:
-    url, controller = control_api
-    before = controller.snapshot()
+    url, driven = control_api
+    driven.control.resume()
+    driven.drained()
+    before = driven.snapshot()
     seen: list = []
     for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": TOKEN}):
-        fuzz(make_control_app(controller, TOKEN).openapi(), url, headers, seen)
+        fuzz(make_control_app(driven.control, TOKEN).openapi(), url, headers, seen)
+    driven.drained()  # a request that got through would have been applied by now
     print(f"control API without token: {len(seen)} requests; {_summary(seen)}")
     assert all(code == 401 for method, _, _, code in seen if method == "POST"), _summary(seen)
-    assert controller.snapshot() == before
+    assert driven.snapshot() == before
 
 
 @FUZZ_SETTINGS
@@ -197,13 +212,16 @@ def test_control_api_raw_bodies(control_api, body: bytes, path: str) -> None:
 
 def test_control_api_deep_nesting_is_a_client_error(control_api) -> None:
     """JSON nested deeper than the parser's recursion limit fits in the 4 KiB body cap."""
-    url, controller = control_api
-    before = controller.snapshot()
+    url, driven = control_api
+    driven.control.resume()
+    driven.drained()
+    before = driven.snapshot()
     headers = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
     for body in ("[" * 4000, '{"engines": ' + "[" * 3000 + "]" * 3000 + "}", "[" * 2000 + "]" * 2000):
         r = httpx.post(url + "/scale", content=body, headers=headers, timeout=30)
         assert 400 <= r.status_code < 500, (body[:20], r.status_code, r.text[:200])
-    assert controller.snapshot() == before
+    driven.drained()
+    assert driven.snapshot() == before
 
 
 # ---------------------------------------------------------------- the reward server

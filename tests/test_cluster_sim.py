@@ -108,9 +108,17 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
     """One cluster, one run, two node losses (issue 12): the engine's node (its engine is placed again on
     the other engine node and the run goes on), then learner rank 0's node (the run stops naming the
     last checkpoint and `--resume`; `duet submit --resume` finishes on the nodes left). Each node dies
-    while the run is paused between two given steps (`control.start_paused`, `POST /resume {"steps": 1}`)."""
+    while the run is paused between two given steps (`control.start_paused`, `POST /resume {"steps": 1}`).
+
+    The resume is submitted while Ray still lists the lost learner node alive (issue 22, finding 1: asserted,
+    not waited for): Ray may place the resumed run's actors there until its GCS declares the node dead, and
+    they then die before they are ready; start-up starts them again elsewhere. The cluster's GCS takes
+    about 45 s to declare a node dead (15 health checks 3 s apart; Ray's default is 5), so the resumed
+    run starts inside that window however slow the stop is. Whether Ray sends one of the four reward workers
+    there is its own random pick (tests/test_node_loss_at_start.py forces it)."""
     nodes = [{"duet_engine": 4}, {"duet_learner": 4}, {"duet_engine": 4}, {"duet_learner": 4}]
-    with sim_cluster(nodes) as cluster:
+    health = {"health_check_period_ms": 3000, "health_check_failure_threshold": 15}
+    with sim_cluster(nodes, system_config=health) as cluster:
         run_dir = tmp_path / "run"
         t0 = time.monotonic()
         # Steps take about 0.1 s here once warm: each node dies while the run is paused between two
@@ -157,14 +165,25 @@ def test_worker_nodes_killed_whole_engine_placed_again_learner_loss_stops_and_re
         assert f"duet submit --address http://HEAD:8265 --resume {run_dir}" in out, out[-4000:]
         assert _replacements(run_dir), [m["events"] for m in read_metrics(run_dir)]
 
+        # Ray still lists the lost node alive: the resume races its declared death (issue 22, finding 1).
+        still_listed = {n["node_ip"] for n in cluster.alive_nodes()}
+        assert learner_node.address in still_listed, (learner_node.address, still_listed)
         t1 = time.monotonic()
         resumed = subprocess.run(
-            duet_cmd("submit", "--address", cluster.dashboard, "--resume", str(run_dir)),
+            duet_cmd("submit", "--address", cluster.dashboard, "--resume", str(run_dir), "rewards.num_workers=4"),
             cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
-        print(f"resume on the nodes left: {time.monotonic() - t1:.0f} s")
+        out = resumed.stdout + resumed.stderr
+        lost_at_start = [line for line in out.splitlines() if "before it was ready" in line]
+        print(
+            f"resume submitted {t1 - t_kill:.0f} s after the learner node's kill, the node still listed alive; "
+            f"it took {time.monotonic() - t1:.0f} s; actors lost with the node at start: {lost_at_start or 'none'}"
+        )
         assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-        assert "resuming from" in resumed.stdout + resumed.stderr
+        assert "resuming from" in out
+        # Lost with one of the two killed nodes (the engine node too may still be listed alive by then).
+        killed = (doomed.address, learner_node.address)
+        assert all(any(f"its node {a} " in line for a in killed) for line in lost_at_start), lost_at_start
         metrics = read_metrics(run_dir)
         assert [m["step"] for m in metrics] == list(range(1, steps + 1))
         after = _actors(run_dir)

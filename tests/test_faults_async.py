@@ -9,6 +9,7 @@ meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,8 +56,10 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
     Resumed launch: the only engine's `VLLM::EngineCore` SIGKILLed (what a CUDA error or an out-of-memory
     kill does: the actor lives on and every generate call on it fails at once), later the new engine's
     `VLLM::EngineCore` SIGSTOPped (a core stuck in a GPU collective: nothing fails, nothing comes, the actor
-    answers; the loop must notice by itself, by asking the core). Control requests are
-    answered and applied while the only engine hangs; the run heals itself and finishes every step."""
+    answers; the loop must notice by itself, by asking the core). Then, unpaused, the reward worker is
+    SIGSTOPped, so a step waits for data for as long as the test holds it: a checkpoint asked meanwhile is
+    applied inside that step (`Trainer.applied_midstep`, issue 22 finding 9) and is of the last step trained;
+    the run goes on once the worker is let go, and finishes every step."""
     run = tmp_path / "run"
     # The first launch starts paused and runs one step, so its checkpoint is of step 1 however fast the
     # steps are; the resumed launch needs steps left for its own faults.
@@ -128,14 +131,33 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
         leftovers += [second, *descendants(second)]
         # Its vLLM engine core stopped, as one stuck in a GPU collective: the actor answers, nothing comes.
         os.kill(vllm_process(second, "VLLM::EngineCore"), signal.SIGSTOP)
-        assert httpx.post(f"{url}/checkpoint", headers=auth).status_code == 200
-        checkpoint_step = wait_for(
-            lambda: [s for s in checkpoint_steps(run) if s > resume_step],
-            timeout_s=120,
-            what="the checkpoint asked for while the only engine hangs",
-        )[-1]
-        assert httpx.post(f"{url}/resume", headers=auth).status_code == 200
-        assert engine_pid(run) == second, "the checkpoint came only after the engine was replaced"
+        assert httpx.post(f"{url}/resume", json={"steps": 2}, headers=auth).status_code == 200
+        held = resume_step + 5
+        paused_after(run, held, p)
+        assert engine_pid(run) != second, "the hung engine was not replaced"
+
+        # A checkpoint asked while a step waits for data, unpaused (issue 22, finding 9). The reward worker
+        # stopped, nothing the producer generates gets scored: the loop's next step short of data waits
+        # (saying so in /status) for as long as the test holds the worker, and applies requests meanwhile.
+        worker = json.loads((run / "actors.json").read_text())["reward_workers"][0]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            assert httpx.post(f"{url}/resume", headers=auth).status_code == 200
+            waiting = wait_for(
+                running(p, lambda: httpx.get(f"{url}/status", timeout=10).json().get("waiting")),
+                what="a step waiting for data",
+            )
+            waited_step = waiting["step"]
+            assert waited_step > held and waiting["for"].startswith("data: "), waiting
+            assert httpx.post(f"{url}/checkpoint", headers=auth).status_code == 200
+            checkpoint_step = wait_for(
+                running(p, lambda: [s for s in checkpoint_steps(run) if s > held]),
+                what="the checkpoint asked for while a step waits for data",
+            )[-1]
+            assert steps_done(run) == waited_step - 1, "the step that waited ended before the worker went on"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGCONT)
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
     finally:
@@ -150,7 +172,15 @@ def test_async_dead_learner_then_one_engine_killed_then_silent(tmp_path, model_c
     # The first launch's checkpoint event is in a row after its checkpoint: the resumed launch redid it.
     asked = [e for e in events if e["event"] == "checkpoint"]
     assert len(asked) == 1, events
-    assert Path(asked[0]["path"]) == run / "checkpoints" / f"step_{checkpoint_step:06d}", events
+    # Applied inside the step that waited, recorded in that step's row, and of the last step trained.
+    assert asked[0].get("during_step") == waited_step, asked
+    assert asked[0] in metrics[waited_step - 1]["events"], metrics[waited_step - 1]["events"]
+    assert checkpoint_step == waited_step - 1, (checkpoint_step, waited_step)
+    checkpoint = run / "checkpoints" / f"step_{checkpoint_step:06d}"
+    assert Path(asked[0]["path"]) == checkpoint, asked
+    state = json.loads((checkpoint / "driver_state.json").read_text())
+    trained = metrics[checkpoint_step - 1]
+    assert (state["step"], state["policy_version"]) == (trained["step"], trained["policy_version"]), state
     for m in metrics:
         assert m["groups/trained"] == per_step
         assert all(int(age) <= 1 for age in m["staleness/histogram"])
