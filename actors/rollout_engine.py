@@ -1,8 +1,9 @@
 """RolloutEngine: one Ray actor hosting one vLLM `AsyncLLM`, with vLLM's weight-transfer API exposed.
 
 It generates G completions per prompt (the whole group on this engine, so it stays together),
-with the engine's log-prob of every sampled token and the policy version(s) that produced them,
-and receives new weights through `init_weight_transfer_engine` / `start_weight_update` /
+with the engine's log-prob of every sampled token and the policy version(s) that produced them, or, with an
+environment (env.name != none), G episodes per prompt: model turns and tool observations, token in, token out
+(envs/episodes.py runs them here, calling the ToolPool actor for the tools), and receives new weights through `init_weight_transfer_engine` / `start_weight_update` /
 `update_weights` / `finish_weight_update`, driven by the learner's sender.
 """
 
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 import ray
 
-from cluster.config import SamplingConfig
+from cluster.config import EnvConfig, SamplingConfig
 from cluster.records import Completion, Prompt
 
 T = TypeVar("T")
@@ -86,6 +87,9 @@ class RolloutEngine:
         self.update_done = asyncio.Event()  # set while no update is open: new requests may start
         self.update_done.set()
         self.vllm_error: str | None = None  # set when vLLM's own processes died under this actor
+        self.active_requests = 0  # vLLM requests added and not finished
+        self.busy_s = 0.0  # wall time with at least one request in vLLM (the benchmarks' busy fraction)
+        self._busy_since = 0.0
         args = AsyncEngineArgs(
             model=model_path,
             dtype=dtype,
@@ -193,6 +197,8 @@ class RolloutEngine:
         sampling: SamplingConfig,
         deterministic: bool = False,
         seed: int | None = None,
+        env: EnvConfig | None = None,
+        tools: Any = None,
     ) -> list[list[Completion]]:
         """G completions for each prompt; returns one list (a group) per prompt, in order.
 
@@ -200,7 +206,13 @@ class RolloutEngine:
         `seed`, so the engine schedules it as one batch whatever the arrival timing and samples it from a
         known generator state: the same weights and prompts then give the same tokens (what makes a
         resumed run retrace its original).
+
+        `env` and `tools` (the ToolPool actor): G episodes per prompt instead (envs/episodes.py), in
+        lock-step rounds when `deterministic` (each round reseeded from `seed` and the round), else each
+        episode on its own.
         """
+        if env is not None:
+            return await self._episodes(prompts, group_size, sampling, deterministic, seed, env, tools)
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -234,12 +246,105 @@ class RolloutEngine:
                 await self.engine.resume_generation()
         return await asyncio.gather(*(self._final(q) for q in queues))
 
-    @staticmethod
-    async def _final(queue):
-        while True:
-            out = queue.get_nowait() or await queue.get()
-            if out.finished:
-                return out
+    async def _final(self, queue):
+        self._request_started()
+        try:
+            while True:
+                out = queue.get_nowait() or await queue.get()
+                if out.finished:
+                    return out
+        finally:
+            self._request_ended()
+
+    def _request_started(self) -> None:
+        if self.active_requests == 0:
+            self._busy_since = time.perf_counter()
+        self.active_requests += 1
+
+    def _request_ended(self) -> None:
+        self.active_requests -= 1
+        if self.active_requests == 0:
+            self.busy_s += time.perf_counter() - self._busy_since
+
+    def busy_seconds(self) -> float:
+        """Wall time so far with at least one request in vLLM (model time, not tool waits)."""
+        now = time.perf_counter() - self._busy_since if self.active_requests else 0.0
+        return self.busy_s + now
+
+    # ---- episodes (env.name != none) ----
+    async def _episodes(
+        self,
+        prompts: list[Prompt],
+        group_size: int,
+        sampling: SamplingConfig,
+        deterministic: bool,
+        seed: int | None,
+        env: EnvConfig,
+        tools: Any,
+    ) -> list[list[Completion]]:
+        from envs.episodes import EpisodeRunner, Tools
+
+        call_end = self._single_token(env.call_end_token)
+        pool = Tools(
+            start=lambda ps: tools.start.remote(ps),
+            step=lambda items: tools.step.remote(items),
+            score=lambda items: tools.score.remote(items),
+        )
+        runner = EpisodeRunner(_EngineSampler(self), pool, env, call_end, self.engine_id)
+        self.in_flight += len(prompts)
+        try:
+            return await runner.run(prompts, group_size, sampling, seed if deterministic else None)
+        finally:
+            self.in_flight -= len(prompts)
+
+    def _single_token(self, token: str) -> int:
+        ids = self.engine.tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(
+                f"env.call_end_token {token!r} is {len(ids)} tokens of this model's tokenizer, not one: a "
+                "turn ends on a stop token id; name a token of its vocabulary (e.g. Qwen's </tool_call>)"
+            )
+        return ids[0]
+
+    async def _sample_turns(self, requests: list, sampling: SamplingConfig, stop_token_ids: list[int], seed):
+        """One turn per request (envs.episodes.TurnRequest: the episode's token ids so far, its token
+        budget), as TokensPrompts: the episode is never decoded and re-encoded. `seed`: added as one batch
+        to the held scheduler, then reseeded, as `generate` does for a deterministic batch."""
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        from envs.episodes import TurnOutput
+
+        base = sampling.model_dump()
+        while self.update_active:  # an update skipped the pause (the engine was idle): wait it out
+            await self.update_done.wait()
+        if seed is not None:
+            await self.engine.pause_generation(mode="keep", clear_cache=False)
+        try:
+            queues = []
+            for r in requests:
+                params = SamplingParams(
+                    **{**base, "max_tokens": r.max_tokens},
+                    n=1,
+                    logprobs=0,
+                    stop_token_ids=stop_token_ids,
+                    include_stop_str_in_output=True,  # the turn's text as written, `</call>` included
+                    output_kind=RequestOutputKind.FINAL_ONLY,
+                )
+                prompt = TokensPrompt(prompt_token_ids=r.token_ids)
+                queues.append(await self.engine.add_request(uuid.uuid4().hex, prompt, params))
+            if seed is not None:
+                await self.engine.collective_rpc("duet_reseed", args=(seed,))
+        finally:
+            if seed is not None:
+                await self.engine.resume_generation()
+        finals = await asyncio.gather(*(self._final(q) for q in queues))
+        outs = []
+        for final in finals:
+            c = final.outputs[0]
+            lps = [float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs)]
+            outs.append(TurnOutput(list(c.token_ids), lps, c.text, c.finish_reason or "abort"))
+        return outs
 
     def _group(self, prompt: Prompt, final, version_start: int) -> list[Completion]:
         group = []
@@ -404,3 +509,24 @@ class RolloutEngine:
         # vLLM's default grace is 5 s, and its CPU engine core does not exit on SIGTERM within it: every run's
         # end waited the 5 s and then killed it anyway. The run is over: 1 s, then vLLM kills the tree.
         self.engine.shutdown(timeout=1.0)
+
+
+class _EngineSampler:
+    """The engine as envs.episodes.Sampler: vLLM's turns, its tokenizer, its policy version."""
+
+    def __init__(self, engine: RolloutEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.engine.tokenizer
+
+    async def sample(self, requests, sampling, stop_token_ids, seed):
+        return await self.engine._sample_turns(requests, sampling, stop_token_ids, seed)
+
+    def encode(self, text: str, prompt: bool = False) -> list[int]:
+        # A prompt as vLLM tokenizes a text prompt (special tokens added); an observation as it is.
+        return list(self.tokenizer.encode(text, add_special_tokens=prompt))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def version(self) -> int:
+        return self.engine.version

@@ -27,9 +27,12 @@ from cluster.runtime import check_model, check_run_dir, run_dir_path
 
 
 def check_runnable(cfg: Config) -> int:
-    """Everything that can be checked before an actor starts: the model path, a control token file, every dataset row and,
+    """Everything that can be checked before an actor starts: the model path, the environment, a control token file, every dataset row and,
     when the run evaluates (eval.every_steps), the held-out set. Returns the number of prompts."""
+    from envs.base import check_environment
+
     check_model(cfg)
+    check_environment(cfg)
     cfg.control.read_token()
     n = len(load_prompts(cfg.data, cfg.run.seed))
     if cfg.eval.every_steps:

@@ -103,7 +103,8 @@ class ModelConfig(_Section):
     path: str | None = Field(
         None,
         description="Hugging Face model folder or hub id. None: build (once, cached) the tiny offline "
-        "Llama and warm-start it on the synthetic task.",
+        "Llama and warm-start it on the synthetic task (with an environment, env.name != none: on the "
+        "tool-call format of the multiplication task, envs/task.py).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter dtype in the engines and the learner."
@@ -127,6 +128,13 @@ class DataConfig(DatasetFields):
         2000, ge=1, description="Number of synthetic problems (when path is None)."
     )
     synthetic_max_operand: int = Field(9, ge=1, description="Largest operand of the synthetic additions.")
+    synthetic_task: Literal["add", "multiply"] | None = Field(
+        None,
+        description="The synthetic task (when path is None): add (a+b, operands up to synthetic_max_operand) "
+        "or multiply (a three-digit by a two-digit number: the tool task, which the tiny model cannot do "
+        "without its tool). Default (filled in when the config is loaded): multiply with an environment "
+        "(env.name != none), else add.",
+    )
     shuffle: bool = Field(True, description="Shuffle the prompt order each epoch (seeded).")
 
     @field_validator("prompt_template")
@@ -413,6 +421,81 @@ class LearnerConfig(_Section):
     )
 
 
+ENV_BUILTINS = ("none", "calculator", "python")
+
+
+class EnvConfig(_Section):
+    """Multi-turn episodes (docs/environments.md): the model's turns, the environment's observations between
+    them, one episode per rollout. `none` keeps today's single completion per rollout."""
+
+    name: str = Field(
+        "none",
+        description="The episode: none (one completion per rollout), calculator (arithmetic tool), python "
+        "(runs the model's code in a sandbox), or a user's Environment class as 'package.module:Class'. "
+        "With model.path unset, any env other than none uses the embedded tool model (warm-started on "
+        "the tool-call format), and with data.path unset the synthetic multiplication task.",
+    )
+    max_turns: int = Field(4, ge=1, description="Model turns per episode, at most.")
+    max_total_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="Prompt, model turns and observations together, in tokens; an episode that reaches it "
+        "ends (finish reason `length`). Default (filled in when the config is loaded): rollout.max_model_len.",
+    )
+    call_end_token: str = Field(
+        "</call>",
+        min_length=1,
+        description="The token that ends a model turn that calls the tool: one token id of the model's "
+        "tokenizer (a stop token id, never a stop string). A turn that ends on end-of-sequence ends the "
+        "episode.",
+    )
+    max_observation_tokens: int = Field(
+        64,
+        ge=1,
+        description="An observation longer than this, in tokens, is cut to it before it is appended.",
+    )
+    timeout_s: float = Field(
+        5.0,
+        gt=0.0,
+        le=300.0,
+        description="Time limit of one tool call, in seconds: the python tool's child is killed past it, "
+        "and a tool worker that does not answer within it (plus 5 s) is replaced; either way the call's "
+        "observation says so.",
+    )
+    memory_limit_mib: int = Field(
+        512, ge=64, description="Address-space cap of the python tool's child process, in MiB."
+    )
+    max_output_bytes: int = Field(
+        65536,
+        ge=256,
+        description="Output (stdout and stderr) the python tool's child may write; past it the child is "
+        "stopped and the output cut.",
+    )
+    num_workers: int = Field(
+        2, ge=1, description="ToolWorker actors (the tool pool), independent of the engines."
+    )
+    python_allow_unisolated: bool = Field(
+        False,
+        description="Let the python tool run on a host that cannot isolate it (no network namespace, or no "
+        "read-only mount namespace and unprivileged user: it needs root or CAP_SYS_ADMIN). Off: the tool "
+        "refuses to start there. Time, memory and output limits hold either way.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if name not in ENV_BUILTINS and not _CUSTOM_FUNCTION.match(name):
+            raise ValueError(
+                f"must be one of {', '.join(ENV_BUILTINS)} or an Environment class as "
+                f"'package.module:Class', got {name!r}"
+            )
+        return name
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+
 class TrainConfig(_Section):
     steps: int = Field(80, ge=1, description="Optimizer steps (policy versions) to run.")
     max_staleness_versions: int = Field(
@@ -622,6 +705,7 @@ class Config(_Section):
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
@@ -633,6 +717,16 @@ class Config(_Section):
             self.algorithm.length_norm = self.rollout.max_tokens
         if self.eval.max_tokens is None:
             self.eval.max_tokens = self.rollout.max_tokens
+        if self.data.synthetic_task is None:
+            self.data.synthetic_task = "multiply" if self.env.enabled else "add"
+        if self.env.max_total_tokens is None:
+            self.env.max_total_tokens = self.rollout.max_model_len
+        if self.env.max_total_tokens > self.rollout.max_model_len:
+            raise ValueError(
+                f"env.max_total_tokens ({self.env.max_total_tokens}) is above rollout.max_model_len "
+                f"({self.rollout.max_model_len}): an episode is one sequence of the engine; raise "
+                "rollout.max_model_len or lower env.max_total_tokens"
+            )
         if self.rollout.max_engines is not None and self.rollout.max_engines < self.rollout.num_engines:
             raise ValueError(
                 f"rollout.max_engines ({self.rollout.max_engines}) is below rollout.num_engines "

@@ -21,8 +21,13 @@ class DatasetError(ValueError):
     """A dataset that cannot be trained on; the message names the file and the row."""
 
 
-def synthetic_rows(n: int, max_operand: int, seed: int) -> list[dict]:
-    """Additions `a+b=` with their sums: verifiable, and learnable by a tiny model."""
+def synthetic_rows(n: int, max_operand: int, seed: int, task: str | None = "add") -> list[dict]:
+    """Additions `a+b=` with their sums: verifiable, and learnable by a tiny model; or (task `multiply`)
+    products `a*b=` of a three-digit and a two-digit number, the tool task (envs/task.py)."""
+    if task == "multiply":
+        from envs.task import multiplication_rows
+
+        return multiplication_rows(n, seed)
     rng = random.Random(seed)
     return [
         {"problem": f"{a}+{b}=", "answer": str(a + b), "source": "synthetic-add"}
@@ -151,7 +156,7 @@ def rows_to_prompts(
 
 def load_prompts(cfg: DataConfig, seed: int) -> list[Prompt]:
     if cfg.path is None:
-        rows = synthetic_rows(cfg.synthetic_problems, cfg.synthetic_max_operand, seed)
+        rows = synthetic_rows(cfg.synthetic_problems, cfg.synthetic_max_operand, seed, cfg.synthetic_task)
         return rows_to_prompts(rows, cfg, cfg.prompt_template, origin="synthetic")
     try:
         rows = read_rows(cfg.path)

@@ -35,7 +35,7 @@ from cluster.records import Prompt, ScoredGroup
 from cluster.reporting import StepReporter
 from cluster.run_actors import RunActors
 from cluster.runtime import RunStopped
-from cluster.scoring import Scoring, group_metrics, staleness_metrics
+from cluster.scoring import Scoring, episode_metrics, group_metrics, staleness_metrics
 from cluster.watchdog import Watchdog
 
 StepCallback = Callable[["Trainer", dict], None]
@@ -268,6 +268,7 @@ class Trainer:
     ) -> dict:
         """Record what was generated, train on the batch, push the new weights, check they arrived."""
         metrics.update(group_metrics(scored, batch, self.version, self.cfg.algorithm.filter_tied))
+        metrics.update(episode_metrics(scored, metrics["time/generate_s"] if self.producer is None else None))
         if batch:
             t0 = time.perf_counter()
             metrics.update(self.actors.learner_call(self.learner.train_step, batch))

@@ -208,7 +208,9 @@ def eval_prompts(cfg: Config, files: Sequence[str | Path] = ()) -> list[Prompt]:
         return [Prompt(i, p.text, p.answer, p.source) for i, p in enumerate(prompts)]
     if cfg.data.path is not None:
         raise ConfigError("eval.path: required to evaluate when data.path is set (no held-out set)")
-    rows = synthetic_rows(e.synthetic_problems, cfg.data.synthetic_max_operand, e.synthetic_seed)
+    rows = synthetic_rows(
+        e.synthetic_problems, cfg.data.synthetic_max_operand, e.synthetic_seed, cfg.data.synthetic_task
+    )
     return prompts_from_rows(
         rows, prompt_template=cfg.data.prompt_template, max_prompts=e.max_prompts, origin="synthetic"
     )
@@ -332,6 +334,7 @@ def _parser() -> argparse.ArgumentParser:
 def eval_main(argv: list[str]) -> int:
     """`duet eval`: validate everything, start engines and reward workers, evaluate, report."""
     from cluster.runtime import check_model, init_ray, resolve_model
+    from envs.base import check_environment
 
     args = _parser().parse_args(argv)
     try:
@@ -339,6 +342,7 @@ def eval_main(argv: list[str]) -> int:
         cfg = config_from_arguments(args, *([f"model.path={args.model}"] if args.model else []))
         prompts = eval_prompts(cfg, args.dataset)
         check_model(cfg)
+        check_environment(cfg)
         if cfg.rewards.verifier == "custom" and not cfg.rewards.custom_function:
             raise ConfigError(
                 "rewards.custom_function: required by rewards.verifier=custom (package.module:function)"
@@ -353,12 +357,13 @@ def eval_main(argv: list[str]) -> int:
     from cluster.fleet import RolloutFleet
     from cluster.naming import run_scope
     from cluster.preflight import PreflightError, check_plan
+    from envs.pool import ToolPoolError, shutdown_tool_pool, start_tool_pool, wait_tool_pool
     from rewards.pool import RewardPool
 
     sampling, n = cfg.eval.sampling(), cfg.eval.samples_per_prompt
     owns_ray = not ray.is_initialized()
     init_ray(cfg)
-    fleet = pool = None
+    fleet = pool = tools = None
     try:
         # The plan from the cluster's resources, as `duet train` makes it: run.device=auto means the
         # cluster's GPUs (the driver's own torch may see none on a head node), and a plan the cluster
@@ -372,14 +377,21 @@ def eval_main(argv: list[str]) -> int:
             print(f"duet eval: {w}", file=sys.stderr)
         scope = run_scope("eval")  # the actors' Ray names (cluster/naming.py)
         fleet = RolloutFleet(cfg, plan, model_path, name_scope=scope)
+        tools = start_tool_pool(cfg)  # env.name != none: episodes, as in training
         pool = RewardPool(cfg.rewards, name_scope=scope)
         fleet.start(cfg.rollout.num_engines)
+        if tools is not None:
+            wait_tool_pool(tools)
+            fleet.tools = tools
         print(
             f"duet eval: {len(prompts)} problems × {n} samples on {cfg.rollout.num_engines} engine(s), "
             f"model {model_path}",
             file=sys.stderr,
         )
         summary = evaluate(fleet, pool, prompts, n, sampling, cfg.rewards.verifier)
+    except ToolPoolError as e:  # e.g. the python tool on a host that cannot isolate it
+        print(f"duet eval: {e}", file=sys.stderr)
+        return 1
     finally:
         for part in (fleet, pool):
             if part is not None:
@@ -387,6 +399,8 @@ def eval_main(argv: list[str]) -> int:
                     part.shutdown()
                 except Exception:
                     pass
+        if tools is not None:
+            shutdown_tool_pool(tools)
         if owns_ray:
             ray.shutdown()
     print(format_table(summary))
@@ -398,6 +412,7 @@ def eval_main(argv: list[str]) -> int:
             "samples_per_prompt": n,
             "sampling": sampling.model_dump(),
             "verifier": cfg.rewards.verifier,
+            "env": cfg.env.name,
             **summary,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

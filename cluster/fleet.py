@@ -44,6 +44,9 @@ class RolloutFleet:
         self.launch_version = 0  # the policy version the engines of `launch` start at
         # The synchronous loop asks for reproducible batches (exact resume); the async one keeps streaming.
         self.deterministic = cfg.train.max_staleness_versions == 0
+        # With an environment (env.name != none): the ToolPool actor, set by whoever starts it. Every
+        # generate call then makes episodes: training, refill, evaluation, more rollouts of a prompt.
+        self.tools = None
 
     @property
     def workers_per_engine(self) -> int:
@@ -234,15 +237,20 @@ class RolloutFleet:
         sampling: SamplingConfig | None = None,
         seed: int | None = None,
     ) -> ray.ObjectRef:
-        """G completions per prompt from the engine in slot k. `sampling`: the training rollouts' unless
-        given (evaluation samples with its own); `seed` makes the synchronous loop's batches reproducible
-        (see RolloutEngine.generate)."""
+        """G completions per prompt from the engine in slot k, or G episodes with an environment (the
+        `tools` pool set). `sampling`: the training rollouts' unless given (evaluation samples with its own);
+        `seed` makes the synchronous loop's batches reproducible (see RolloutEngine.generate)."""
+        episodes = self.cfg.env.enabled
+        if episodes and self.tools is None:
+            raise RuntimeError(f"env.name={self.cfg.env.name}: no tool pool was given to the fleet")
         return self.engines[k].generate.remote(
             prompts,
             group_size,
             sampling or self.cfg.rollout.sampling(),
             self.deterministic and seed is not None,
             None if seed is None else seed * 7919 + self.ids[k],
+            self.cfg.env if episodes else None,
+            self.tools if episodes else None,
         )
 
     def resize(self, n: int, version: int) -> dict:

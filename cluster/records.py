@@ -20,17 +20,42 @@ class Prompt:
 
 @dataclass
 class Completion:
-    """One sampled completion of a prompt, as the engine produced it."""
+    """One sampled completion of a prompt, as the engine produced it; or one episode (env.name != none):
+    the model's turns and the environment's observations between them, as one sequence of tokens after
+    the prompt. The fields after `engine_id` describe episodes; their defaults are a single completion's."""
 
     prompt_index: int
     prompt_token_ids: list[int]
-    token_ids: list[int]
-    logprobs: list[float]  # the engine's log-prob of each sampled token (behaviour policy)
+    token_ids: list[int]  # every token after the prompt: the model's, and in an episode the observations'
+    logprobs: list[
+        float
+    ]  # the engine's log-prob of each sampled token (behaviour policy); 0.0 at observations
     text: str
     finish_reason: str  # "stop" | "length" | "abort"
-    version_start: int  # policy version when the first token was sampled
+    version_start: int  # policy version when the first token was sampled (an episode: its oldest turn's)
     version_end: int  # policy version when the last token was sampled
     engine_id: int = 0
+    # Per token of token_ids: 1 where the model sampled it, 0 where an observation put it (the learner's
+    # loss mask). None: every token is the model's (a single completion).
+    loss_mask: list[int] | None = None
+    answer: str | None = None  # what the verifier scores (an episode: its last model turn); None: text
+    env_reward: float | None = None  # the environment's own score; None: the verifier scores `answer`
+    turns: int = 1  # model turns
+    turn_versions: list[int] = field(default_factory=list)  # policy version at the start of each turn
+    tool_calls: int = 0
+    tool_errors: int = 0  # calls whose observation reports an error (malformed call, timeout, crash ...)
+    tool_time_s: float = 0.0  # time the tool workers spent on this episode's calls
+    model_wait_s: float = 0.0  # wall time the episode waited for its model turns
+    tool_wait_s: float = 0.0  # wall time the episode waited for its tool calls (queueing included)
+
+    @property
+    def model_token_count(self) -> int:
+        """Tokens the model sampled (observation tokens left out)."""
+        return len(self.token_ids) if self.loss_mask is None else sum(self.loss_mask)
+
+    @property
+    def scored_text(self) -> str:
+        return self.text if self.answer is None else self.answer
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
     learner placement group ─► LearnerGroup (DeepSpeed ranks)      ReplayQueue (one actor)
     RolloutFleet (vLLM engines, one placement group each)           RewardPool (reward workers)
+                                                                    ToolPool (tool workers; env.name != none)
 
 `start` places and starts them (failing in seconds, naming what is missing, when the cluster cannot
 hold the plan) and opens the weight-transfer group between learner rank 0 and the engines;
@@ -31,6 +32,7 @@ from cluster.naming import actor_name, run_scope
 from cluster.placement import make_plan
 from cluster.preflight import check_plan, check_run_dir, node_addresses, wait_placed
 from cluster.runtime import RunStopped
+from envs.pool import shutdown_tool_pool, start_tool_pool, wait_tool_pool
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
 
@@ -47,7 +49,8 @@ class RunActors:
         self.queue: Any = None  # the ReplayQueue actor's handle
         self.learner: LearnerGroup | None = None
         self.learner_pg: Any = None
-        self._events_seen = (0, 0)  # fleet events, reward-worker replacements
+        self.tools: Any = None  # the ToolPool actor's handle (env.name != none)
+        self._events_seen = (0, 0, 0)  # fleet events, reward-worker and tool-worker replacements
 
     def start(self, model_path: str, version: int) -> None:
         """Placement, actors (on the model in `model_path`) and the weight-transfer group; the engines
@@ -65,6 +68,7 @@ class RunActors:
         self.fleet = RolloutFleet(cfg, plan, model_path, name_scope=scope)
         # The engines load while the learner ranks do (LearnerGroup waits for its ranks to join).
         self.fleet.launch(cfg.rollout.num_engines, version)
+        self.tools = start_tool_pool(cfg)  # its workers start while the engines load
         self.rewards = RewardPool(cfg.rewards, name_scope=scope)
         # On the driver's node: the queue's groups are the run's state, which lives and dies with the driver.
         # Placed anywhere (it takes no CPU), it went to an engine's worker node, and that node's loss ended
@@ -87,6 +91,9 @@ class RunActors:
             name_scope=scope,
         )
         self.fleet.wait_ready()
+        if self.tools is not None:
+            wait_tool_pool(self.tools)
+            self.fleet.tools = self.tools
         self.connect_fleet()
 
     def connect_fleet(self) -> None:
@@ -128,11 +135,14 @@ class RunActors:
         step's metrics row."""
         # Counted per list (both only grow): one count over the two joined would skip a later engine
         # event and repeat a reward worker's.
-        fleet_seen, rewards_seen = self._events_seen
-        new = self.fleet.events[fleet_seen:] + [
-            dict(e, component="reward_worker") for e in self.rewards.replaced[rewards_seen:]
-        ]
-        self._events_seen = (len(self.fleet.events), len(self.rewards.replaced))
+        fleet_seen, rewards_seen, tools_seen = self._events_seen
+        tools = ray.get(self.tools.new_events.remote(tools_seen)) if self.tools is not None else []
+        new = (
+            self.fleet.events[fleet_seen:]
+            + [dict(e, component="reward_worker") for e in self.rewards.replaced[rewards_seen:]]
+            + [dict(e, component="tool_worker") for e in tools]
+        )
+        self._events_seen = (len(self.fleet.events), len(self.rewards.replaced), tools_seen + len(tools))
         return new
 
     def write_actors(self) -> None:
@@ -152,6 +162,7 @@ class RunActors:
             learner_addresses=[where.get(r["node"]) for r in ranks],
             queue_address=where.get(ray.get(self.queue.node.remote())),
             rendezvous=getattr(self.learner, "rendezvous", None),
+            **({"tool_workers": ray.get(self.tools.worker_pids.remote())} if self.tools is not None else {}),
         )
 
     def shutdown(self) -> None:
@@ -163,6 +174,8 @@ class RunActors:
         if self.queue is not None:
             with contextlib.suppress(Exception):
                 ray.kill(self.queue)
+        if self.tools is not None:
+            shutdown_tool_pool(self.tools)
         if self.learner_pg is not None:
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(self.learner_pg)

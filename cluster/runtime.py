@@ -105,9 +105,14 @@ def check_model(cfg: Config) -> None:
 
 
 def resolve_model(cfg: Config) -> str:
-    """The model folder: the user's, or the embedded tiny model (built and warm-started once)."""
+    """The model folder: the user's, or the embedded tiny model (built and warm-started once): with an
+    environment, the one warm-started on the tool-call format (envs/task.py)."""
     if cfg.model.path is not None:
         return cfg.model.path
+    if cfg.env.enabled:
+        from envs.task import ensure_tool_model
+
+        return str(ensure_tool_model(cfg.model.cache_dir))
     from learner.tiny_model import ensure_tiny_model
 
     return str(

@@ -5,6 +5,10 @@ producer and evaluation.
                                                                                      │ (in order)
                        ScoredGroup per prompt (final rewards, reasons) ◄─────────────┘
 
+An episode (env.name != none) is scored the same way on its last model turn (`Completion.answer`), unless its
+environment scored it (`Completion.env_reward`): that reward is taken as it is, and reads `correct` when
+positive (evaluation counts those).
+
 The rewards of a ScoredGroup are final: every adjustment the algorithm makes to a reward
 (`algorithm.overlong=penalty`) is applied here, so "tied" (`ScoredGroup.tied`, which decides whether the
 replay queue drops a group) is decided once, on the rewards the learner trains on.
@@ -15,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.config import AlgorithmConfig
-from cluster.records import Completion, Prompt, ScoredGroup, VerifyItem
+from cluster.records import Completion, Prompt, ScoredGroup, VerifyItem, VerifyResult
 
 
 class Scoring:
@@ -36,9 +40,10 @@ class Scoring:
         self.prompts, self.groups = prompts, groups
         self._pool, self._algorithm = pool, algorithm
         items = [
-            VerifyItem(completion=c.text, reference=p.answer, verifier=verifier, prompt=p.text)
+            VerifyItem(completion=c.scored_text, reference=p.answer, verifier=verifier, prompt=p.text)
             for p, group in zip(prompts, groups, strict=True)
             for c in group
+            if c.env_reward is None
         ]
         self._handle = pool.score_async(items)
 
@@ -50,10 +55,14 @@ class Scoring:
         results = iter(self._pool.wait(self._handle))
         scored = []
         for p, group in zip(self.prompts, self.groups):
-            res = [next(results) for _ in group]
+            res = [next(results) if c.env_reward is None else _env_result(c.env_reward) for c in group]
             rewards = final_rewards([r.reward for r in res], group, self._algorithm)
             scored.append(ScoredGroup(p, group, rewards, [r.reason for r in res]))
         return scored
+
+
+def _env_result(reward: float) -> VerifyResult:
+    return VerifyResult(float(reward), "correct" if reward > 0 else "wrong", 0.0, {"scored_by": "env"})
 
 
 def final_rewards(
@@ -92,8 +101,8 @@ def group_metrics(
         for why in s.reasons:
             kind = why.split(":")[0]
             reasons[kind] = reasons.get(kind, 0) + 1
-    tokens = sum(len(c.token_ids) for c in completions)
-    first_tokens = sum(len(c.token_ids) for c, _ in first)
+    tokens = sum(c.model_token_count for c in completions)  # an episode's observations are not generated
+    first_tokens = sum(c.model_token_count for c, _ in first)
     with_signal = len(scored) - tied
     return {
         "rollouts": len(completions),
@@ -128,3 +137,29 @@ def staleness_metrics(batch: list[ScoredGroup], version: int) -> dict[str, Any]:
         ages[age] = ages.get(age, 0) + 1
     spans = (c.version_end - c.version_start for group in batch for c in group.completions)
     return {"staleness/histogram": ages, "staleness/max_in_flight_versions": max(spans, default=0)}
+
+
+def episode_metrics(scored: list[ScoredGroup], generate_s: float | None = None) -> dict[str, Any]:
+    """What a step's episodes did (none: no keys): turns, tool calls, tool errors, the tool workers' time,
+    observation tokens, and how long an episode waited for its model turns and for its tools. With the
+    step's generation time (synchronous mode) that time is split in the same proportion into model time
+    and tool time (`time/generate_model_s`, `time/generate_tool_s`)."""
+    episodes = [c for s in scored for c in s.completions if c.loss_mask is not None]
+    if not episodes:
+        return {}
+    n = len(episodes)
+    model_wait = sum(c.model_wait_s for c in episodes)
+    tool_wait = sum(c.tool_wait_s for c in episodes)
+    out: dict[str, Any] = {
+        "episodes/turns_mean": sum(c.turns for c in episodes) / n,
+        "tools/calls": sum(c.tool_calls for c in episodes),
+        "tools/errors": sum(c.tool_errors for c in episodes),
+        "tools/time_s": sum(c.tool_time_s for c in episodes),
+        "tokens/observation": sum(len(c.token_ids) - c.model_token_count for c in episodes),
+        "episodes/model_wait_s": model_wait / n,
+        "episodes/tool_wait_s": tool_wait / n,
+    }
+    if generate_s is not None and model_wait + tool_wait > 0:
+        out["time/generate_model_s"] = generate_s * model_wait / (model_wait + tool_wait)
+        out["time/generate_tool_s"] = generate_s * tool_wait / (model_wait + tool_wait)
+    return out

@@ -66,6 +66,9 @@ class Telemetry:
         self.learner_version = gauge("learner_policy_version", "Policy version of the learner.")
         self.engine_version = gauge("policy_version", "Policy version loaded in each engine.", ("engine",))
         self.engines = gauge("engines", "Rollout engines serving.")
+        self.tool_calls = counter("tool_calls", "Tool calls made by episodes (env.name != none).")
+        self.tool_errors = counter("tool_errors", "Tool calls whose observation reports an error.")
+        self.episode_turns = gauge("episode_turns", "Mean model turns per episode of the step.")
         # Times twice: histograms for distributions, gauges for the exact last value (Ray 2.60 rebuilds a
         # histogram's _sum from bucket midpoints, so rate(_sum)/rate(_count) is only approximate).
         self.times = {
@@ -106,6 +109,10 @@ class Telemetry:
             self.tokens_per_s.set(tokens / step_s)
         _inc(self.rollouts, rollouts)
         _inc(self.tokens, tokens)
+        if "episodes/turns_mean" in m:  # a run with an environment
+            _inc(self.tool_calls, m["tools/calls"])
+            _inc(self.tool_errors, m["tools/errors"])
+            self.episode_turns.set(m["episodes/turns_mean"])
         for key, (histogram, last) in self.times.items():
             if m.get(key) is not None:
                 histogram.observe(m[key])

@@ -29,7 +29,8 @@ from learner.worker import LearnerWorker
 
 def build_rows(groups: list[ScoredGroup], cfg: Config) -> tuple[list[dict], dict[str, float]]:
     """One training row per completion, with its group-relative advantage (of the groups' final
-    rewards); with `algorithm.overlong=mask`, rows of completions cut at max_tokens are not kept."""
+    rewards); with `algorithm.overlong=mask`, rows of completions cut at max_tokens are not kept. An
+    episode's row carries its loss mask: 1 at the model's tokens, 0 at the observations'."""
     algo = cfg.algorithm
     rewards, group_ids, reasons, comps = [], [], [], []
     for g_id, g in enumerate(groups):
@@ -49,12 +50,18 @@ def build_rows(groups: list[ScoredGroup], cfg: Config) -> tuple[list[dict], dict
             "completion_ids": c.token_ids,
             "behaviour_logprobs": c.logprobs,
             "advantage": float(a),
-            "keep": bool(k) and len(c.token_ids) > 0,
+            "keep": bool(k) and c.model_token_count > 0,
+            "loss_mask": c.loss_mask if c.loss_mask is not None else [1] * len(c.token_ids),
         }
         for c, a, k in zip(comps, adv.tolist(), keep.tolist())
     ]
     stats = {"train/advantage_abs_mean": float(adv.abs().mean()) if len(adv) else 0.0}
     return rows, stats
+
+
+def _model_tokens(row: dict) -> int:
+    """Tokens of a row the loss covers: the model's (an episode's observations are left out)."""
+    return sum(row["loss_mask"]) if "loss_mask" in row else len(row["completion_ids"])
 
 
 class LearnerGroup:
@@ -154,7 +161,7 @@ class LearnerGroup:
     def _update(self, rows: list[dict]) -> dict[str, float]:
         """One optimizer step on `rows`, sharded over the ranks; stats reduced over the ranks."""
         agg = self.cfg.algorithm.aggregation
-        units = [(len(r["completion_ids"]) if agg == "token_mean" else 1) if r["keep"] else 0 for r in rows]
+        units = [(_model_tokens(r) if agg == "token_mean" else 1) if r["keep"] else 0 for r in rows]
         denominator = float(max(sum(units), 1))
         shards = self._shard(rows)
         n = self._micro_batches(shards)

@@ -32,6 +32,16 @@ def _pad(rows: list[list[int]], value: float | int, dtype) -> torch.Tensor:
     return out
 
 
+def _loss_mask(row: dict) -> list[int]:
+    """The row's per-token loss mask (rows built before episodes existed have none: all ones)."""
+    mask = row.get("loss_mask")
+    if mask is None:
+        return [1] * len(row["completion_ids"])
+    if len(mask) != len(row["completion_ids"]):
+        raise ValueError(f"a row's loss_mask has {len(mask)} entries for {len(row['completion_ids'])} tokens")
+    return mask
+
+
 def _parse_cores(spec: str) -> set[int]:
     """'1', '2-3', '0,2-3' → a set of core ids."""
     cores: set[int] = set()
@@ -287,7 +297,8 @@ class LearnerRank:
             prompts = [s["prompt_ids"] for s in chunk]
             comps = [s["completion_ids"] for s in chunk]
             logp, entropy = self._logprobs(False, prompts, comps)
-            mask = _pad([[float(s["keep"])] * len(s["completion_ids"]) for s in chunk], 0.0, torch.float32)
+            # Per token: kept row × the row's loss mask (an episode's observation tokens are 0: not the model's).
+            mask = _pad([[float(s["keep"]) * m for m in _loss_mask(s)] for s in chunk], 0.0, torch.float32)
             mask = mask.to(self.device)
             behaviour = _pad([s["behaviour_logprobs"] for s in chunk], 0.0, torch.float32).to(self.device)
             adv = torch.tensor([s["advantage"] for s in chunk], dtype=torch.float32, device=self.device)

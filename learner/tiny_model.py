@@ -33,16 +33,22 @@ ARCH = {
 }
 
 
-def build_tokenizer(out_dir: str | Path):
-    """A character-level fast tokenizer with `\\boxed{` as one token; saved as tokenizer.json."""
+def build_tokenizer(out_dir: str | Path, extra_tokens: tuple[str, ...] = ()):
+    """A character-level fast tokenizer with `\\boxed{` as one token; saved as tokenizer.json.
+    `extra_tokens` (the tool model's `<call>`, `</call>` ...) are single tokens too, after VOCAB."""
+    import re
+
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(VOCAB)}
-    for i in range(len(VOCAB), VOCAB_SIZE):
+    vocab = {tok: i for i, tok in enumerate([*VOCAB, *extra_tokens])}
+    if len(vocab) > VOCAB_SIZE:
+        raise ValueError(f"{len(vocab)} tokens do not fit the padded vocabulary of {VOCAB_SIZE}")
+    for i in range(len(vocab), VOCAB_SIZE):
         vocab[f"<extra_{i}>"] = i
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\\boxed\{|[\s\S]"), behavior="isolated")
+    words = "".join(f"{re.escape(t)}|" for t in extra_tokens)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(words + r"\\boxed\{|[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()  # characters join back without spaces
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from envs.calculator import Calculator
+
 REPO = Path(__file__).resolve().parents[1]
 
 T = TypeVar("T")
@@ -420,3 +422,31 @@ def ray_actors(class_name: str, state: str = "ALIVE") -> list[dict]:
 
     filters = [("class_name", "=", class_name), ("state", "=", state)]
     return [a.__dict__ for a in list_actors(filters=filters, detail=True, limit=1000, timeout=60)]
+
+
+# ---- docs/environments.md's example environment (tests/test_envs.py and tests/test_tools_engine.py run it) ----
+def docs_environment_example(folder: Path) -> tuple[Path, str]:
+    """Write the page's complete custom environment (its first python block under "Your own environment") to
+    folder/my_envs.py, as a user would; returns the file and its code."""
+    text = (REPO / "docs" / "environments.md").read_text()
+    section = text[text.index("## Your own environment") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    path = folder / "my_envs.py"
+    path.write_text(code)
+    return path, code
+
+
+class GatedCalculator(Calculator):
+    """The calculator, except that each call first writes `<gate>.arrived` and then waits until `<gate>.open`
+    exists, where <gate> is the prompt's `source`: a test can act while an episode is inside its tool call
+    (tests/test_tools_engine.py kills the engine there). env.name=tests.helpers:GatedCalculator."""
+
+    def start(self, prompt):
+        return {"gate": prompt.source}
+
+    def step(self, state, turn):
+        Path(state["gate"] + ".arrived").touch()
+        deadline = time.monotonic() + 120
+        while not Path(state["gate"] + ".open").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return super().step(state, turn)

@@ -51,6 +51,7 @@ def test_telemetry_exports_to_prometheus():
         queue = {"put": 64, "taken": 54, "dropped_tied": 10, "dropped_stale": 0, "depth": 0}
         tel.record_step(step, {0: 1, 1: 1}, queue)
         step2 = dict(step, step=2, **{"reward/mean": 0.75, "policy_version": 2, "staleness/mean": 0.5})
+        step2.update({"episodes/turns_mean": 2.5, "tools/calls": 5, "tools/errors": 1})  # an env run's
         queue2 = dict(queue, dropped_tied=13, dropped_stale=2, depth=3)
         tel.record_step(step2, {0: 2, 1: 1}, queue2)
         assert tel.enabled
@@ -75,6 +76,9 @@ def test_telemetry_exports_to_prometheus():
             "duet_last_broadcast_seconds": 0.05,
             "duet_last_step_seconds": 2.0,
             "duet_learner_step_seconds_count": 2,
+            "duet_tool_calls_total": 5,
+            "duet_tool_errors_total": 1,
+            "duet_episode_turns": 2.5,
         }
         # Ray exports on a timer (seconds), and the agent drops a gauge whose refresh comes late (a
         # loaded machine), so a series can miss one scrape: keep the latest value seen of each.
