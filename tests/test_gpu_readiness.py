@@ -450,14 +450,18 @@ def test_a_step_that_trains_nothing_carries_the_last_check():
 
     trainer = Trainer.__new__(Trainer)  # the loop's bookkeeping only: no actors
     trainer.cfg, trainer.version, trainer.step = load_config(), 0, 1
-    trainer.last_sync_check = None
-    assert trainer.learn([], [], {}, time.perf_counter())["sync/checksum_match"] is None
+    trainer.last_sync_check, trainer.producer = None, None  # synchronous mode
+
+    def learn_nothing() -> dict:
+        return trainer.learn([], [], {"time/generate_s": 0.0}, time.perf_counter())
+
+    assert learn_nothing()["sync/checksum_match"] is None
     trainer.healer = SimpleNamespace(retry=lambda fn, *a: {"sync/checksum_match": False})
     assert trainer.check_sync("digest", checked=True)["sync/checksum_match"] is False
-    skipped = trainer.learn([], [], {}, time.perf_counter())
+    skipped = learn_nothing()
     assert skipped["train/skipped"] is True and skipped["sync/checksum_match"] is False
     assert trainer.check_sync(None, checked=False) == {"sync/checksum_match": None}
-    assert trainer.learn([], [], {}, time.perf_counter())["sync/checksum_match"] is False
+    assert learn_nothing()["sync/checksum_match"] is False
 
 
 # ---------------------------------------------------------------- 3. a replacement engine waits for its GPU's memory
