@@ -70,7 +70,9 @@ def test_both_actors_are_given_the_one_gpu():
 
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        cfg = load_config(overrides=[*COLOCATE[1:], "run.device=auto"])  # auto: the cluster has a GPU
+        # auto: the cluster has a GPU. A logical GPU answers no memory, so its size is given: the tiny model's
+        # learner and engine fit 80 GiB, and the size check runs instead of warning that it could not.
+        cfg = load_config(overrides=[*COLOCATE[1:], "run.device=auto", "cluster.gpu_memory_gib=80"])
         plan, warnings = check_plan(cfg)
         assert plan.colocated and plan.device == "cuda" and not warnings
         learner_pg = placement_group(plan.learner_bundles, strategy="PACK")
