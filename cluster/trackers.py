@@ -107,6 +107,14 @@ class WandbTracker(Tracker):
         self.run.finish()
 
 
+def mlflow_key(key: str, keys: set[str]) -> str:
+    """`key`, or `key/total` when `key` also names a group of others (`rollouts` beside `rollouts/extension`):
+    MLflow's file store keeps each metric as a file under metrics/, so one name cannot be a file and a folder
+    at once. Every MLflow store gets the same names, so a run reads the same on a server and in `mlruns/`."""
+    prefix = key + "/"
+    return f"{key}/total" if any(k.startswith(prefix) for k in keys) else key
+
+
 class MlflowTracker(Tracker):
     name = "mlflow"
     _BATCH = 100  # MLflow's limit of params per log_batch call
@@ -128,12 +136,15 @@ class MlflowTracker(Tracker):
         for i in range(0, len(params), self._BATCH):
             self.client.log_batch(self.run_id, params=params[i : i + self._BATCH])
         self.client.log_dict(self.run_id, config, "config.yaml")
+        self.seen: set[str] = set()
 
     def log(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now_ms, step) for k, v in values.items()])
+        self.seen.update(values)
+        metrics = [Metric(mlflow_key(k, self.seen), v, now_ms, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id, status="FINISHED")

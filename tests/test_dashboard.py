@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from cluster.metrics import read_metrics
-from cluster.trackers import scalars
+from cluster.trackers import mlflow_key, scalars
 from tests.helpers import REPO, duet_cmd, kill_run_and_its_ray
 from tests.trackers_readback import mlflow_run, tensorboard_scalars, wandb_offline_run
 
@@ -189,9 +189,12 @@ def test_dashboard_in_a_browser_and_trackers_on_a_local_run(tmp_path, model_cach
     keys = set().union(*(scalars(m) for m in metrics))  # a reason's count appears from its first step on
     expected = {key: {m["step"]: scalars(m)[key] for m in metrics if key in scalars(m)} for key in keys}
     tb, wb, ml = tensorboard_scalars(run), wandb_offline_run(run), mlflow_run(store, "duet-rl")
-    for logged in (tb, wb["history"], ml["history"]):
-        assert set(logged) == set(expected)
-        assert all(logged[k] == pytest.approx(v) for k, v in expected.items())
+    # MLflow: a name that is also a group's (`rollouts` beside `rollouts/extension`) is `rollouts/total` there
+    assert "rollouts/total" in ml["history"] and "rollouts" not in ml["history"]
+    in_mlflow = {mlflow_key(k, keys): v for k, v in expected.items()}
+    for logged, names in ((tb, expected), (wb["history"], expected), (ml["history"], in_mlflow)):
+        assert set(logged) == set(names)
+        assert all(logged[k] == pytest.approx(v) for k, v in names.items())
     assert wb["name"] == ml["name"] == run.name
     assert wb["config"]["train"]["steps"] == ml["config"]["train"]["steps"] == 6
     assert wb["config"]["control"]["token"] is None

@@ -60,7 +60,7 @@ def test_fleet_wait_generates_again_the_chunks_of_engines_that_hang_or_fail(loca
         def load(self) -> int:
             return 0
 
-        async def generate(self, prompts, group_size, sampling, deterministic, seed):
+        async def generate(self, prompts, group_size, sampling, deterministic, seed, env=None, tools=None):
             if self.behaviour == "hangs":
                 await asyncio.sleep(3600)
             if self.behaviour == "fails":

@@ -93,7 +93,7 @@ def test_dry_run_reads_the_cluster_a_gpu_less_head_gpu_workers(tmp_path):
 
         ok = dry("rollout.num_engines=2", "learner.num_ranks=2")
         assert ok.returncode == 0, ok.stderr[-3000:]
-        assert "device: cuda (weight transfer: nccl)" in ok.stdout, ok.stdout
+        assert "device: cuda (weight transfer: duet_nccl)" in ok.stdout, ok.stdout
 
         t0 = time.monotonic()
         wide = dry("rollout.gpus_per_engine=4")

@@ -136,3 +136,13 @@ def test_a_logger_that_cannot_start_stops_the_run_before_any_actor(
     assert time.monotonic() - t0 < 60
     assert not ray.is_initialized()  # no Ray, so no actor
     assert not (run_dir / "actors.json").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_mlflow_names_a_metric_that_heads_a_group_total():
+    from cluster.trackers import mlflow_key
+
+    keys = {"rollouts", "rollouts/extension", "rollouts/per_signal_group", "reward/mean", "groups/total"}
+    assert mlflow_key("rollouts", keys) == "rollouts/total"  # a file and a folder cannot share a name
+    assert mlflow_key("rollouts/extension", keys) == "rollouts/extension"
+    assert mlflow_key("reward/mean", keys) == "reward/mean"
+    assert mlflow_key("rollout", keys) == "rollout"  # a prefix of the text, not of the path
