@@ -21,7 +21,7 @@ from cluster.config import Config, SamplingConfig
 from cluster.liveness import DEAD, FAILED, SILENT, await_ready, poll
 from cluster.naming import actor_name, run_scope
 from cluster.placement import Plan
-from cluster.preflight import PreflightError, wait_placed
+from cluster.preflight import BundleWatch, PreflightError, wait_placed
 from cluster.records import Completion, Prompt
 
 # What a call on an engine raises when the engine died: its actor (RayActorError), or vLLM's processes
@@ -41,6 +41,8 @@ class RolloutFleet:
         self.ids: list[int] = []
         self.next_id = 0
         self.events: list[dict] = []  # replacements and scaling, for metrics.jsonl
+        # Per placement group: bounds an engine's start when its bundle's node is lost (cluster/preflight.py).
+        self._watches: dict = {}
         self.launch_version = 0  # the policy version the engines of `launch` start at
         # The synchronous loop asks for reproducible batches (exact resume); the async one keeps streaming.
         self.deterministic = cfg.train.max_staleness_versions == 0
@@ -61,6 +63,7 @@ class RolloutFleet:
         env.update(VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
         pg = placement_group([bundle])
         wait_placed(pg, self.cfg.cluster.placement_timeout_s, f"RolloutEngine {i}")
+        self._watches[pg.id] = BundleWatch(pg, 0, self.cfg.cluster.placement_timeout_s, f"RolloutEngine {i}")
         engine = RolloutEngine.options(
             name=actor_name(self.scope, "engine", i),  # ids are never reused: a replacement has its own
             num_cpus=bundle.get("CPU", 1),
@@ -109,7 +112,11 @@ class RolloutFleet:
     def wait_ready(self) -> None:
         """Until every engine has loaded its model; an engine that fails to start raises here. One lost with its
         node before it was ready is placed again, as a new engine in its slot (cluster/liveness.py)."""
-        await_ready({e.ready.remote(): k for k, e in enumerate(self.engines)}, self._place_again)
+        await_ready(
+            {e.ready.remote(): k for k, e in enumerate(self.engines)},
+            self._place_again,
+            check=lambda k: self._watches[self.groups[k].id].check(),
+        )
 
     def _place_again(self, k: int, node: str) -> ray.ObjectRef:
         """The engine in slot k was lost with its node before it was ready: a new engine in a new placement
@@ -295,7 +302,11 @@ class RolloutFleet:
             return started[k][2].ready.remote()
 
         try:
-            await_ready({engine.ready.remote(): k for k, (_, _, engine, _) in started.items()}, place_again)
+            await_ready(
+                {engine.ready.remote(): k for k, (_, _, engine, _) in started.items()},
+                place_again,
+                check=lambda k: self._watches[started[k][3].id].check(),
+            )
         except Exception:
             # None half-kept: the slots still hold the dead ones, for the next heal.
             for _, _, e, pg in started.values():

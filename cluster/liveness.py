@@ -67,22 +67,34 @@ class NotReady(TimeoutError):
         self.keys = keys
 
 
+CHECK_S = 2.0  # how often await_ready asks `check` about the actors still waited for
+
+
 def await_ready(
     pending: dict[ray.ObjectRef, K],
     start_again: Callable[[K, str], ray.ObjectRef],
     timeout_s: float | None = None,
+    check: Callable[[K], None] | None = None,
 ) -> None:
     """Wait for every `ready` call in `pending` (its ref -> the caller's key for that actor). An actor that
     died with its node before it answered is started again (`start_again(key, node address)` returns the new
     actor's `ready` ref), as often as that happens; any other failure is raised at once. Past `timeout_s`
-    (None: no deadline) raises NotReady with the keys still waited for."""
+    (None: no deadline) raises NotReady with the keys still waited for. `check(key)`, asked every CHECK_S
+    about each actor still waited for, raises when that actor can never start (an actor waiting for a
+    placement group bundle that Ray cannot place again fails nothing: without it the wait has no end)."""
     pending = dict(pending)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if check is not None:
+            left = CHECK_S if left is None else min(left, CHECK_S)
         done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
         if not done:
-            raise NotReady(sorted(pending.values()), timeout_s or 0.0)
+            if check is None or (deadline is not None and time.monotonic() >= deadline):
+                raise NotReady(sorted(pending.values()), timeout_s or 0.0)
+            for key in pending.values():
+                check(key)
+            continue
         key = pending.pop(done[0])
         try:
             ray.get(done[0])

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import Config
@@ -209,21 +210,60 @@ def check_colocated_memory(cfg: Config, connected: bool) -> list[str]:
     return []
 
 
+def _alive_nodes() -> str:
+    """The nodes Ray lists alive, with their resource totals, for messages."""
+    alive = [
+        f"{n['NodeManagerAddress']} {_fmt(n.get('Resources', {}))}" for n in ray.nodes() if n.get("Alive")
+    ]
+    return "; ".join(alive) or "none"
+
+
 def wait_placed(pg: PlacementGroup, timeout_s: float, what: str) -> None:
     """Wait for a placement group, at most `timeout_s`; past it, release it and say what was asked."""
     if pg.wait(timeout_seconds=timeout_s):
         return
     bundles = pg.bundle_specs
     remove_placement_group(pg)
-    available = []
-    for n in ray.nodes():
-        if n.get("Alive"):
-            available.append(f"{n['NodeManagerAddress']} {_fmt(n.get('Resources', {}))}")
     raise PreflightError(
         f"{what}: placement group {[_fmt(b) for b in bundles]} not placed within "
         f"cluster.placement_timeout_s={timeout_s:g} s (the cluster is busy or lost a node). "
-        f"Alive nodes (totals): {'; '.join(available) or 'none'}"
+        f"Alive nodes (totals): {_alive_nodes()}"
     )
+
+
+class BundleWatch:
+    """Bounds the wait of an actor not yet ready for its placement-group bundle once the bundle's node is lost.
+
+    Ray places a lost node's bundles again (the group turns RESCHEDULING), and an actor that was still being
+    started there may wait with them, failing nothing, for as long as no node can hold the bundle: a start-up
+    without end. Made when the actor is created (its group placed), the watch remembers the bundle's node;
+    `check` raises PreflightError, naming that node, once the group has stayed unplaced `timeout_s`."""
+
+    def __init__(self, pg: PlacementGroup, bundle_index: int, timeout_s: float, what: str) -> None:
+        self.pg, self.timeout_s, self.what = pg, timeout_s, what
+        node_id = placement_group_table(pg).get("bundles_to_node_id", {}).get(bundle_index, "")
+        self.node = next(
+            (n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id),
+            node_id[:12],
+        )
+        self.unplaced_since: float | None = None
+
+    def check(self) -> None:
+        state = placement_group_table(self.pg).get("state")
+        if state == "CREATED":
+            self.unplaced_since = None
+            return
+        now = time.monotonic()
+        if self.unplaced_since is None:
+            self.unplaced_since = now
+        if now - self.unplaced_since < self.timeout_s:
+            return
+        lost = f"was lost with its node {self.node} before it was ready, and" if self.node else "waits for"
+        raise PreflightError(
+            f"{self.what} {lost} its bundle {[_fmt(b) for b in self.pg.bundle_specs]}, which no alive node "
+            f"has taken within cluster.placement_timeout_s={self.timeout_s:g} s (placement group {state}). "
+            f"Alive nodes (totals): {_alive_nodes()}"
+        )
 
 
 @ray.remote(num_cpus=0)

@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import Config
 from cluster.liveness import DEAD, await_ready, poll
 from cluster.naming import SlotNames, run_scope
-from cluster.preflight import PreflightError, wait_placed
+from cluster.preflight import BundleWatch, PreflightError, wait_placed
 from cluster.records import ScoredGroup
 from learner.advantages import compute_advantages
 from learner.losses import overlong_adjust
@@ -95,12 +95,25 @@ class LearnerGroup:
                 ),
             ).remote(rank, k, cfg, model_path, device, threads)  # derived defaults already resolved
 
-        self._new_rank = new_rank
-        self.workers = [new_rank(rank) for rank in range(k)]
+        def watched_rank(rank: int) -> Any:
+            # Created with its bundle placed: the watch knows the bundle's node should it be lost.
+            self._watches[rank] = BundleWatch(
+                placement_group, bundle_offset + rank, cfg.cluster.placement_timeout_s, f"learner rank {rank}"
+            )
+            return new_rank(rank)
+
+        self._new_rank = watched_rank
+        self._watches: dict[int, BundleWatch] = {}
+        self.workers = [watched_rank(rank) for rank in range(k)]
         try:
             # A rank lost with its node before it was ready starts again on its bundle, which Ray places again
-            # on an alive node (cluster/liveness.py); the process group forms once every rank is ready.
-            await_ready({w.ready.remote(): rank for rank, w in enumerate(self.workers)}, self._start_again)
+            # on an alive node (cluster/liveness.py); one that waits for a bundle no node can hold any more
+            # fails, naming the node. The process group forms once every rank is ready.
+            await_ready(
+                {w.ready.remote(): rank for rank, w in enumerate(self.workers)},
+                self._start_again,
+                check=lambda rank: self._watches[rank].check(),
+            )
             # The process group's store listens in learner rank 0's own process, on its node: ask it.
             self.process_group_endpoint: tuple[str, int] = ray.get(self.workers[0].open_endpoint.remote())
             ray.get([w.join.remote(*self.process_group_endpoint) for w in self.workers])

@@ -9,4 +9,7 @@ cd "$(dirname "$0")/.."
 ruff check .
 ruff format --check .
 export DUET_TEST_MODEL_CACHE="${DUET_TEST_MODEL_CACHE:-$(mktemp -d)}"
+# fd 3: the terminal's stderr, where tests/conftest.py writes the stacks of a test that hangs.
+export DUET_TEST_STDERR_FD=3
+exec 3>&2
 exec python -m pytest -q -p no:cacheprovider --durations=40 "$@"

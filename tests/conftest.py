@@ -16,6 +16,7 @@ nothing is guarded and every test runs (what `.ci/run` does).
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.abc
 import importlib.util
 import multiprocessing.process
@@ -138,6 +139,25 @@ def _install_guards() -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("fast"):
         _install_guards()
+
+
+# A test that hangs (a Ray call that never returns, a shutdown blocked by another thread) would hold CI to its
+# overall limit and print nothing: past HANG_S in one test (its fixtures included), every thread's stack goes
+# to the terminal and the session ends. faulthandler's watchdog is a C thread that needs no GIL, so it also
+# catches a test stuck inside C. pytest-timeout's per-test limits (signal-based) still act first where set;
+# this is the net for what a signal cannot reach. scripts/test.sh hands the terminal's stderr over as
+# $DUET_TEST_STDERR_FD, since pytest's output capture owns fd 2 while a test runs.
+HANG_S = float(os.environ.get("DUET_TEST_HANG_S", "900"))
+_hang_report = open(int(os.environ.get("DUET_TEST_STDERR_FD", "2")), "w", closefd=False)  # noqa: SIM115
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    faulthandler.dump_traceback_later(HANG_S, exit=True, file=_hang_report)
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -46,6 +46,7 @@ def test_actors_lost_with_their_node_before_ready_start_again_or_name_the_node(t
     )
     reset_ray_address()  # no other Ray user on this machine joins this cluster by accident
     fleet = pool = learner_pg = None
+    starting = threading.Thread()  # the learner's start-up, below
     try:
         cluster.add_node(num_cpus=2, node_ip_address=SURVIVOR)
         doomed = cluster.add_node(
@@ -103,6 +104,15 @@ def test_actors_lost_with_their_node_before_ready_start_again_or_name_the_node(t
         assert isinstance(learner.get("error"), PreflightError), learner
         assert f"learner rank 0 was lost with its node {DOOMED} before it was ready" in str(learner["error"])
         print(f"everything decided {time.monotonic() - t_kill:.1f} s after the node was killed")
+
+        # An actor that waits for a bundle no alive node can hold fails nothing in Ray (its group stays
+        # pending, or RESCHEDULING after a node loss): start-up stops it after cluster.placement_timeout_s.
+        unplaced = placement_group([{"CPU": 1, "duet_learner": 1}])
+        t_wait = time.monotonic()
+        with pytest.raises(PreflightError, match=r"learner rank 0 waits for its bundle .*duet_learner"):
+            LearnerGroup(cfg, str(tiny_model), unplaced, "cpu", 1)
+        assert time.monotonic() - t_wait < 60
+        remove_placement_group(unplaced)
     finally:
         for part in (pool, fleet):
             if part is not None:
@@ -112,5 +122,10 @@ def test_actors_lost_with_their_node_before_ready_start_again_or_name_the_node(t
                 remove_placement_group(learner_pg)
             except Exception:
                 pass
-        ray.shutdown()
+        if starting.ident is not None:  # started
+            starting.join(timeout=30)
+        # ray.shutdown while another thread still waits in Ray can block for good: the nodes are removed
+        # either way, which ends that wait.
+        if not starting.is_alive():
+            ray.shutdown()
         cluster.shutdown()
