@@ -148,7 +148,20 @@ def pytest_configure(config: pytest.Config) -> None:
 # this is the net for what a signal cannot reach. scripts/test.sh hands the terminal's stderr over as
 # $DUET_TEST_STDERR_FD, since pytest's output capture owns fd 2 while a test runs.
 HANG_S = float(os.environ.get("DUET_TEST_HANG_S", "900"))
-_hang_report = open(int(os.environ.get("DUET_TEST_STDERR_FD", "2")), "w", closefd=False)  # noqa: SIM115
+
+
+def _terminal_fd() -> int:
+    """$DUET_TEST_STDERR_FD when this process has it open (a pytest started by a test inherits the variable,
+    not the descriptor), else 2."""
+    fd = int(os.environ.get("DUET_TEST_STDERR_FD", "2"))
+    try:
+        os.fstat(fd)
+    except OSError:
+        return 2
+    return fd
+
+
+_hang_report = open(_terminal_fd(), "w", closefd=False)  # noqa: SIM115
 
 
 @pytest.hookimpl(wrapper=True)
