@@ -141,11 +141,13 @@ def test_committed_settings_meet_the_issue() -> None:
 
 
 def test_committed_runs_are_reused_under_the_current_settings() -> None:
-    """Issue 14's finished runs (16-GRPO's ~100 minutes among them) carry their arm's current key: adding
-    arms and rates did not invalidate them, and an edit of a shared section would (this test says so)."""
+    """Every committed run (issue 14's, 16-GRPO's ~100 minutes among them, issue 23's, and the same-day
+    runs of 2026-12-06 in their own folder) carries its arm's current key: adding arms and rates did not
+    invalidate them, and an edit of a shared section would (this test says so)."""
     s = load_settings(CONFIG)
-    runs = [json.loads(p.read_text()) for p in (RESULTS / "group_size_runs").glob("*-seed*.json")]
-    assert {r["arm"] for r in runs} == {REFERENCE, PLAIN} and len(runs) == 16
+    folders = [RESULTS / "group_size_runs", RESULTS / "group_size_runs" / "same-session-2026-12-06"]
+    runs = [json.loads(p.read_text()) for d in folders for p in d.glob("*-seed*.json")]
+    assert {r["arm"] for r in runs} == set(s["arms"]) and len(runs) >= 16
     assert stale_runs(s, runs) == []
     gate = json.loads((RESULTS / "group_size_runs" / "gate.json").read_text())
     assert gate["settings_key"] == settings_key(s)
