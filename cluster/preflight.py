@@ -242,10 +242,7 @@ class BundleWatch:
     def __init__(self, pg: PlacementGroup, bundle_index: int, timeout_s: float, what: str) -> None:
         self.pg, self.timeout_s, self.what = pg, timeout_s, what
         node_id = placement_group_table(pg).get("bundles_to_node_id", {}).get(bundle_index, "")
-        self.node = next(
-            (n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id),
-            node_id[:12],
-        )
+        self.node = node_addresses().get(node_id, node_id[:12])
         self.unplaced_since: float | None = None
 
     def check(self) -> None:
