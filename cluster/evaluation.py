@@ -377,7 +377,7 @@ def eval_main(argv: list[str]) -> int:
             print(f"duet eval: {w}", file=sys.stderr)
         scope = run_scope("eval")  # the actors' Ray names (cluster/naming.py)
         fleet = RolloutFleet(cfg, plan, model_path, name_scope=scope)
-        tools = start_tool_pool(cfg)  # env.name != none: episodes, as in training
+        tools = start_tool_pool(cfg, scope)  # env.name != none: episodes, as in training
         pool = RewardPool(cfg.rewards, name_scope=scope)
         fleet.start(cfg.rollout.num_engines)
         if tools is not None:

@@ -68,7 +68,7 @@ class RunActors:
         self.fleet = RolloutFleet(cfg, plan, model_path, name_scope=scope)
         # The engines load while the learner ranks do (LearnerGroup waits for its ranks to join).
         self.fleet.launch(cfg.rollout.num_engines, version)
-        self.tools = start_tool_pool(cfg)  # its workers start while the engines load
+        self.tools = start_tool_pool(cfg, scope)  # its workers start while the engines load
         self.rewards = RewardPool(cfg.rewards, name_scope=scope)
         # On the driver's node: the queue's groups are the run's state, which lives and dies with the driver.
         # Placed anywhere (it takes no CPU), it went to an engine's worker node, and that node's loss ended

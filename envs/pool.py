@@ -30,6 +30,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from cluster.liveness import lost_with_node
+from cluster.naming import SlotNames, actor_name, run_scope
 from cluster.records import Prompt
 from envs.base import ToolResult, result
 from envs.worker import ToolWorker
@@ -45,10 +47,28 @@ class ToolPoolError(RuntimeError):
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ToolPool:
-    def __init__(self, env_cfg: dict, num_workers: int, worker_env: dict | None = None) -> None:
+    def __init__(
+        self,
+        env_cfg: dict,
+        num_workers: int,
+        worker_env: dict | None = None,
+        name_scope: str | None = None,
+        worker_options: dict | None = None,
+    ) -> None:
+        """`name_scope`: the prefix of the workers' Ray names, the run's (cluster/naming.py);
+        `worker_options`: Ray options added to every worker's (tests aim workers at a node with them)."""
         self.env_cfg = env_cfg
+        # A replacement counts up in its slot. After Ray restarts this pool, the old workers' names may not be
+        # free yet (they die with their owner, asynchronously): the new pool's workers carry its pid.
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        kind = f"tool-worker-p{os.getpid()}" if restarted else "tool-worker"
+        self._names = SlotNames(name_scope or run_scope(), kind)
         self.timeout_s = float(env_cfg["timeout_s"])
-        self.worker_options = {"num_cpus": 0, "runtime_env": {"env_vars": worker_env or {}}}
+        self.worker_options = {
+            "num_cpus": 0,
+            "runtime_env": {"env_vars": worker_env or {}},
+            **(worker_options or {}),
+        }
         self.workers: list[Any] = [self._new(i) for i in range(num_workers)]
         self.proven: set[int] = set()  # slots whose current worker has answered
         self.free: asyncio.Queue[int] = asyncio.Queue()
@@ -58,15 +78,21 @@ class ToolPool:
         self.counts = {"start": 0, "step": 0, "score": 0}
 
     def _new(self, index: int) -> Any:
-        return ToolWorker.options(**self.worker_options).remote(self.env_cfg, index)
+        name, start = self._names.next(index)
+        return ToolWorker.options(name=name, **self.worker_options).remote(self.env_cfg, index, start)
+
+    def __repr__(self) -> str:  # the Ray dashboard's Repr column (taken once, after __init__)
+        return f"ToolPool({len(self.workers)} tool workers, env {self.env_cfg['name']})"
 
     # ---- what the driver asks ----
     async def ready(self, timeout_s: float = 300.0) -> list[dict]:
-        """Every worker's `ready()` once its environment is up; ToolPoolError (with the worker's own error,
-        e.g. the python tool refusing a host it cannot isolate on) when one cannot start."""
+        """Every worker's `ready()` once its environment is up. A worker lost with its node before it was
+        ready (Ray may place it on a node it still lists alive after the node's loss) is started again, as
+        the reward pool does (cluster/liveness.py); any other failure raises ToolPoolError with the worker's
+        own error (e.g. the python tool refusing a host it cannot isolate on)."""
         try:
             infos = await asyncio.wait_for(
-                asyncio.gather(*[w.ready.remote() for w in self.workers]), timeout_s
+                asyncio.gather(*[self._ready(slot) for slot in range(len(self.workers))]), timeout_s
             )
         except (RayActorError, RayTaskError) as e:
             raise ToolPoolError(
@@ -76,6 +102,17 @@ class ToolPool:
             raise ToolPoolError(f"the tool workers did not start within {timeout_s:g} s") from None
         self.proven.update(range(len(self.workers)))
         return infos
+
+    async def _ready(self, slot: int) -> dict:
+        while True:
+            worker = self.workers[slot]
+            try:
+                return await worker.ready.remote()
+            except RayActorError as e:
+                node = lost_with_node(e)
+                if node is None:
+                    raise
+                self._replace(slot, worker, f"lost with its node {node} before it was ready")
 
     def new_events(self, seen: int) -> list[dict]:
         """Worker replacements after the first `seen`."""
@@ -182,14 +219,18 @@ def _why(e: BaseException) -> str:
     return (text[-1] if text else type(e).__name__)[:300]
 
 
-def start_tool_pool(cfg: Any) -> Any:
-    """The run's ToolPool actor (cfg: the whole Config), or None when env.name is none. Not waited for:
+def start_tool_pool(cfg: Any, name_scope: str | None = None) -> Any:
+    """The run's ToolPool actor (cfg: the whole Config), or None when env.name is none; `name_scope`: the
+    run's prefix for its Ray names (`<scope>/tool-pool-0`, `<scope>/tool-worker-N`). Not waited for:
     call `wait_tool_pool` once the engines are loading. Its workers see the driver's working folder on their
     PYTHONPATH, so a user's environment module next to the config imports there as it does here."""
     if not cfg.env.enabled:
         return None
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
-    return ToolPool.remote(cfg.env.model_dump(), cfg.env.num_workers, {"PYTHONPATH": path})
+    scope = name_scope or run_scope()
+    return ToolPool.options(name=actor_name(scope, "tool-pool", 0)).remote(
+        cfg.env.model_dump(), cfg.env.num_workers, {"PYTHONPATH": path}, scope
+    )
 
 
 def wait_tool_pool(pool: Any, timeout_s: float = 300.0) -> list[dict]:

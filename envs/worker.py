@@ -21,12 +21,17 @@ from envs.base import ToolResult, load_environment, result
 class ToolWorker:
     """Ray restarts are off on purpose: the pool replaces a dead worker itself and runs its calls again."""
 
-    def __init__(self, env_cfg: dict, index: int = 0) -> None:
+    def __init__(self, env_cfg: dict, index: int = 0, start: int = 1) -> None:
         from cluster.config import EnvConfig
+        from cluster.naming import node_address
 
-        self.index = index
+        self.index, self.start_number, self.node = index, start, node_address()
         self.config = EnvConfig.model_validate(env_cfg)
         self.env = load_environment(self.config.name, self.config)  # a broken env fails the start-up here
+
+    def __repr__(self) -> str:  # the Ray dashboard's Repr column (taken once, after __init__)
+        again = f", start {self.start_number} of its slot" if self.start_number > 1 else ""
+        return f"ToolWorker(tool worker {self.index}, env {self.config.name}{again}, node {self.node})"
 
     def ready(self) -> dict:
         sandbox = getattr(self.env, "sandbox", None)

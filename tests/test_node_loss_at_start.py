@@ -5,9 +5,9 @@ nothing is left for it, says which node was lost (cluster/liveness.py: await_rea
 
 A Ray cluster on this machine (ray.cluster_utils: a head without CPUs, two worker raylets with addresses of
 their own). One worker node holds the only engine and learner resources; it is killed, and while Ray still
-lists it alive (asserted), a reward worker is aimed at it (a soft node affinity: Ray sends the lease there
-while it lists the node alive, elsewhere once it does not), and an engine and a learner rank already placed
-on it are waited for. The whole run after a node loss: tests/test_cluster_sim.py.
+lists it alive (asserted), a reward worker and a tool worker are aimed at it (a soft node affinity: Ray sends
+the lease there while it lists the node alive, elsewhere once it does not), and an engine and a learner rank
+already placed on it are waited for. The whole run after a node loss: tests/test_cluster_sim.py.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ def test_actors_lost_with_their_node_before_ready_start_again_or_name_the_node(t
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from cluster.config import load_config
+    from cluster.config import EnvConfig, load_config
     from cluster.fleet import RolloutFleet
     from cluster.placement import make_plan
     from cluster.preflight import PreflightError
-    from cluster.records import VerifyItem
+    from cluster.records import Prompt, VerifyItem
+    from envs.pool import ToolPool
     from learner.group import LearnerGroup
     from rewards.pool import RewardPool
 
@@ -45,10 +46,10 @@ def test_actors_lost_with_their_node_before_ready_start_again_or_name_the_node(t
         head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH},
     )
     reset_ray_address()  # no other Ray user on this machine joins this cluster by accident
-    fleet = pool = learner_pg = None
+    fleet = pool = learner_pg = tools = None
     starting = threading.Thread()  # the learner's start-up, below
     try:
-        cluster.add_node(num_cpus=2, node_ip_address=SURVIVOR)
+        survivor = cluster.add_node(num_cpus=2, node_ip_address=SURVIVOR)
         doomed = cluster.add_node(
             num_cpus=2, node_ip_address=DOOMED, resources={"duet_engine": 2, "duet_learner": 2}
         )
@@ -82,15 +83,28 @@ def test_actors_lost_with_their_node_before_ready_start_again_or_name_the_node(t
         cluster.remove_node(doomed, allow_graceful=False)  # raylet and workers SIGKILLed
         listed = {n["NodeManagerAddress"]: n["Alive"] for n in ray.nodes()}
         assert listed.get(DOOMED) is True, listed  # Ray has not noticed yet: the race is on
+        aim = NodeAffinitySchedulingStrategy(doomed.node_id, soft=True)
+
+        # So is a tool worker (its pool on the survivor, the worker aimed at the lost node).
+        tools = ToolPool.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(survivor.node_id, soft=False)
+        ).remote(
+            EnvConfig(name="calculator").model_dump(), 1, None, "node-loss", {"scheduling_strategy": aim}
+        )
+        tools_ready = tools.ready.remote(120)
 
         # A reward worker sent to the lost node (Ray forwards a lease to the node an affinity names while it
         # lists it alive) dies with it, and is started again elsewhere.
-        aim = NodeAffinitySchedulingStrategy(doomed.node_id, soft=True)
         pool = RewardPool(cfg.rewards, actor_options={"scheduling_strategy": aim}, ready_timeout_s=120)
         print(f"reward pool ready {time.monotonic() - t_kill:.1f} s after the node was killed")
         assert [r["reason"] for r in pool.replaced] == [f"lost with its node {DOOMED} before it was ready"]
         [result] = pool.score([VerifyItem("so \\boxed{2}", "2")])
         assert result.reward == 1.0, result
+
+        [info] = ray.get(tools_ready, timeout=150)
+        events = ray.get(tools.new_events.remote(0))
+        assert [e["reason"] for e in events] == [f"lost with its node {DOOMED} before it was ready"], events
+        assert ray.get(tools.start.remote([Prompt(0, "2*3=", "6")])) == [{}] and info["pid"]
 
         # The engine and the learner rank placed on it: no node left holds their resources, and the error
         # says which node was lost.
@@ -117,6 +131,8 @@ def test_actors_lost_with_their_node_before_ready_start_again_or_name_the_node(t
         for part in (pool, fleet):
             if part is not None:
                 part.shutdown()
+        if tools is not None:
+            ray.kill(tools)
         if learner_pg is not None:
             try:
                 remove_placement_group(learner_pg)

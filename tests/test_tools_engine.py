@@ -130,6 +130,9 @@ def test_episodes_token_in_token_out_and_the_learners_logprobs(local_ray, engine
     events = ray.get(pool.new_events.remote(0))
     assert [e["slot"] for e in events] == [0] and events[0]["event"] == "tool_worker_replaced"
     assert None not in ray.get(pool.worker_pids.remote())
+    # Named as the other actors are (issue 22, item 16): the replacement counts up in its slot.
+    names = {a["name"].rsplit("/", 1)[-1] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert {"tool-pool-0", "tool-worker-0.2", "tool-worker-1"} <= names, names
 
     # Independent episodes (asynchronous mode, evaluation): no seed, each goes on by itself.
     free = ray.get(engine.generate.remote(batch, 2, SAMPLING, False, None, env, pool))
