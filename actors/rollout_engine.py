@@ -478,6 +478,12 @@ class RolloutEngine:
         await self.engine.collective_rpc("duet_transport_floor", args=(nbytes, reps))
 
     @vllm_call
+    async def load_floor(self, update_info: dict, reps: int) -> list[list[float]]:
+        """Per worker: seconds of vLLM's own reload of the last update's bytes from memory (benchmarks)."""
+        async with self.transfer_lock:
+            return await self.engine.collective_rpc("duet_load_floor", args=(update_info, reps))
+
+    @vllm_call
     async def transfer_stats(self) -> list[dict]:
         """Per worker: timings of the last update, and the transfer groups it opened and closed."""
         return await self.engine.collective_rpc("duet_transfer_stats")

@@ -1,7 +1,7 @@
 """The engines' side of the weight transfer: vLLM worker-side engines registered under duet's names.
 
 - `duet_host` (CPU runs, and the colocated GPU mode): the bytes go through host memory, over a gloo
-  group (`actors.weight_transport`). It follows vLLM's NCCL engine's lifecycle:
+  group or, for an engine on learner rank 0's node, a shared-memory file (`actors.weight_transport`). It follows vLLM's NCCL engine's lifecycle:
   `start_weight_update` opens vLLM's layerwise reload, received tensors go to `model.load_weights`,
   `finish_weight_update` finalizes it.
 - `duet_nccl` (GPUs): vLLM's own NCCL engine, unchanged, with the byte check added at its receive
@@ -33,8 +33,10 @@ from vllm.distributed.weight_transfer.nccl_engine import (
 )
 
 from actors.weight_transport import (
+    SHARED_MEMORY,
     HashingLoader,
     NetworkReceiver,
+    SharedMemoryReceiver,
     TensorDigest,
     cut_bucket,
     param_nbytes,
@@ -83,6 +85,9 @@ class DuetHostInitInfo(WeightTransferInitInfo):
     world_size: int
     bucket_bytes: int
     timeout_s: float = 300.0  # per collective: a peer silent this long has died or hung
+    transport: str = "network"  # or "shared_memory": this engine maps segment_path instead
+    segment_path: str = ""
+    segment_bytes: int = 0
 
 
 @dataclass
@@ -103,10 +108,11 @@ class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostI
 
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
-        self.transport: NetworkReceiver | None = None
+        self.transport: NetworkReceiver | SharedMemoryReceiver | None = None
         self.bucket_bytes = 0
         self.reload_open = False  # inside initialize/finalize_layerwise_reload
-        self.stats: dict[str, float] = {}
+        self.stats: dict[str, Any] = {}
+        self.transport_name = ""
         self.opened = 0  # transfer groups opened and closed, so a test can see none is left behind
         self.closed = 0
 
@@ -114,13 +120,17 @@ class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostI
         if self.transport is not None:  # a second init replaces the transport; never keep two open
             self.shutdown()
         self.bucket_bytes = init_info.bucket_bytes
-        self.transport = NetworkReceiver(
-            init_info.master_address,
-            init_info.master_port,
-            init_info.rank_offset + self.parallel_config.rank,
-            init_info.world_size,
-            init_info.timeout_s,
-        )
+        if init_info.transport == SHARED_MEMORY:
+            self.transport = SharedMemoryReceiver(init_info.segment_path, init_info.segment_bytes)
+        else:
+            self.transport = NetworkReceiver(
+                init_info.master_address,
+                init_info.master_port,
+                init_info.rank_offset + self.parallel_config.rank,
+                init_info.world_size,
+                init_info.timeout_s,
+            )
+        self.transport_name = init_info.transport
         self.opened += 1
 
     def start_weight_update(self) -> None:
@@ -154,12 +164,39 @@ class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostI
             load_s += time.perf_counter() - t0
         hash_s = self._digest.seconds if self._digest is not None else 0.0
         self.stats.update(
+            transport=self.transport_name,
             bytes=float(sum(sizes)),
             buckets=float(len(buckets)),
             receive_wait_s=self.transport.wait_s,
             hash_s=hash_s,
             load_s=load_s - hash_s,
         )
+
+    def load_floor(self, update_info: dict[str, Any], reps: int) -> list[float]:
+        """What an update costs this worker with no transport at all (benchmarks/broadcast.py's same-node
+        floor): the last update's bytes, copied once into private memory, loaded again through vLLM's
+        layerwise reload (start, `load_weights`, finalize) `reps` times; seconds per rep. Needs the
+        shared-memory transport, whose segment still holds those bytes (loading them again changes nothing)."""
+        if not isinstance(self.transport, SharedMemoryReceiver):
+            raise RuntimeError("the load floor is measured on an engine that receives through shared memory")
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+
+        info = self.parse_update_info(update_info)
+        dtypes = [getattr(torch, d) for d in info.dtype_names]
+        sizes = [param_nbytes(d, s) for d, s in zip(dtypes, info.shapes)]
+        private = self.transport.segment.clone()
+        tensors = cut_bucket(private, list(range(len(sizes))), info.names, dtypes, info.shapes, sizes)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            initialize_layerwise_reload(self.model)
+            self.model.load_weights([(name, t.to(self.device)) for name, t in tensors])
+            finalize_layerwise_reload(self.model, self.model_config)
+            times.append(time.perf_counter() - t0)
+        return times
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class synchronises the accelerator, which a CPU-only worker does not have.
@@ -236,6 +273,9 @@ class DigestWorkerExtension:
 
     def duet_transport_floor(self, nbytes: int, reps: int) -> None:
         self.weight_transfer_engine.transport.floor(nbytes, reps)
+
+    def duet_load_floor(self, update_info: dict, reps: int) -> list[float]:
+        return self.weight_transfer_engine.load_floor(update_info, reps)
 
     def duet_reseed(self, seed: int) -> None:
         """Reset the sampler's generator. Per-request seeds kill the CPU engine, so RolloutEngine.generate

@@ -11,9 +11,14 @@ Every path shares two things, so that a transport is only a way to move bytes:
 - The wire format of duet's own transports: parameters packed in metadata order into byte buckets
   (`plan_buckets`), the plan derived from the same metadata at both ends.
 
-The transport of the `duet_host` engine pair (the bytes go through host memory): a gloo group (TCP) of
-learner rank 0 and the engines' workers, one broadcast per bucket, the next bucket on the wire while the
-engine loads the last one (`NetworkReceiver` at the engine's end).
+The `duet_host` engine pair moves the bytes through host memory, per engine one of two ways
+(`choose_transports`, from `cluster.weight_transport` and the placement):
+- network: a gloo group (TCP) of learner rank 0 and those engines' workers, one broadcast per bucket, the
+  next bucket on the wire while the engine loads the last one (`NetworkReceiver` at the engine's end);
+- shared memory, for an engine on learner rank 0's node: rank 0 packs the buckets into a file in /dev/shm
+  that the engine's workers map too (`SharedSegment`, `SharedMemoryReceiver`), so the bytes are copied
+  once, and vLLM's `load_weights` reads them where they lie. Both ends map the file before rank 0 removes
+  its name, so a crash leaves nothing behind in /dev/shm.
 
 Written by hand: vLLM 0.32 has no CPU transport.
 """
@@ -21,7 +26,9 @@ Written by hand: vLLM 0.32 has no CPU transport.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -184,3 +191,104 @@ class NetworkReceiver:
         self.group = self.store = None
         self.buffers = []
         self._floor_buf = None
+
+
+# ---------------------------------------------------------------- shared memory: one node
+SHM_DIR = "/dev/shm"
+NETWORK, SHARED_MEMORY = "network", "shared_memory"
+
+
+def shm_free_bytes(folder: str = SHM_DIR) -> int:
+    """Bytes a new file in `folder` may still take (0 when there is no such folder). A container's /dev/shm
+    is often 64 MiB (Docker's default): writing past it kills the writer with SIGBUS, so check first."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def choose_transports(
+    mode: str, learner_node: str, engine_nodes: list[str], nbytes: int, shm_free: int
+) -> tuple[list[str], str | None]:
+    """Per engine, how the weights reach it, and why an engine that could share memory does not (None when
+    nothing needs saying). `mode`: cluster.weight_transport. Shared memory needs the engine on learner rank
+    0's node and room for one copy of the weights in /dev/shm; `auto` falls back to the network otherwise,
+    `shared_memory` refuses (ValueError)."""
+    if mode == NETWORK:
+        return [NETWORK] * len(engine_nodes), None
+    local = [node == learner_node for node in engine_nodes]
+    room = nbytes <= shm_free
+    if mode == SHARED_MEMORY and not (all(local) and room):
+        where = [i for i, ok in enumerate(local) if not ok]
+        why = (
+            f"engine(s) {where} are not on learner rank 0's node {learner_node}"
+            if where
+            else f"{SHM_DIR} has {shm_free / 2**20:.0f} MiB free for {nbytes / 2**20:.0f} MiB of weights"
+        )
+        raise ValueError(
+            f"cluster.weight_transport=shared_memory: {why}; use auto (shared memory where it can, the network "
+            "elsewhere) or network"
+        )
+    if any(local) and not room:
+        note = (
+            f"{SHM_DIR} has {shm_free / 2**20:.0f} MiB free for {nbytes / 2**20:.0f} MiB of weights: engines on "
+            f"learner rank 0's node receive over the network (a container's /dev/shm is often 64 MiB: "
+            "docker run --shm-size, or Ray's object store, sets it)"
+        )
+        return [NETWORK] * len(engine_nodes), note
+    return [SHARED_MEMORY if ok else NETWORK for ok in local], None
+
+
+class SharedSegment:
+    """Learner rank 0's end: a file in /dev/shm of one update's bytes, mapped shared. Created with mode 0600
+    (only this user's processes map it); `unlink` removes the name once every engine has mapped it."""
+
+    def __init__(self, nbytes: int, folder: str = SHM_DIR) -> None:
+        self.nbytes = nbytes
+        self.path = os.path.join(folder, f"duet-weights-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
+        self.buffer = torch.from_file(self.path, shared=True, size=nbytes, dtype=torch.uint8)
+
+    def unlink(self) -> None:
+        """The name goes; the mappings (and the memory) stay until the last process unmaps."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self.unlink()
+        self.buffer = None
+
+
+class SharedMemoryReceiver:
+    """An engine worker's end of a `SharedSegment`: the buckets are views of the mapped file, in the order
+    and at the offsets rank 0 packed them; nothing is copied before vLLM's `load_weights`. Rank 0 starts
+    an engine's update only once it has packed every bucket, so there is nothing to wait for here."""
+
+    def __init__(self, path: str, nbytes: int) -> None:
+        if not os.path.exists(path):
+            raise RuntimeError(
+                f"shared-memory weight segment {path} is not visible to this engine's process (another "
+                "/dev/shm, e.g. a container of its own): set cluster.weight_transport=network"
+            )
+        self.segment = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        self.wait_s = 0.0
+
+    def buckets(self, bucket_sizes: list[int]) -> Iterator[torch.Tensor]:
+        if sum(bucket_sizes) != self.segment.numel():
+            raise RuntimeError(
+                f"update of {sum(bucket_sizes)} bytes does not match the shared segment's {self.segment.numel()}"
+            )
+        offset = 0
+        for n in bucket_sizes:
+            yield self.segment[offset : offset + n]
+            offset += n
+
+    def close(self) -> None:
+        self.segment = None

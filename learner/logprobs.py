@@ -8,9 +8,12 @@ positions that is gigabytes per copy, and the learner only needs the completion 
 - `CompletionHead` stands in for the model's output layer (same parameters, same names:
   `lm_head.weight` stays `lm_head.weight` for checkpoints and the weight broadcast). Asked for logits it
   gives logits; given a request it picks the completion positions and computes, `chunk_tokens` at a
-  time, log π(y_t) = z[y_t] − logsumexp(z) with z = W h / temperature, and the entropy without gradient;
-- under autograd each chunk is checkpointed: its logits are recomputed in backward instead of kept, so
-  at most one chunk's vocabulary-sized tensors exist at once, forward or backward.
+  time, log π(y_t) = log_softmax(z)[y_t] with z = W h / temperature, and the entropy without gradient;
+- under autograd every chunk but the last is checkpointed: its logits are recomputed in backward instead
+  of kept. The last chunk's are kept: its backward runs first, before any recompute, so at most one
+  chunk's vocabulary-sized tensors exist at once, forward or backward. The chunks are cut from the end
+  (the short remainder first), so the kept one is a whole chunk and a request of one chunk recomputes
+  nothing. A recompute skips the entropy (no gradient needs it).
 
 The head runs inside the model's own forward (one call per forward), so under ZeRO-3 every rank gathers
 and releases its weight in the same collectives as any other layer.
@@ -19,6 +22,7 @@ and releases its weight in the same collectives as any other layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -56,15 +60,22 @@ class CompletionHead(nn.Module):
         req = self.request
         h = hidden[req.rows, req.cols]  # [N, H]: completion positions only
         pieces_logp, pieces_ent = [], []
-        for start in range(0, max(h.shape[0], 1), self.chunk_tokens):
-            h_chunk = h[start : start + self.chunk_tokens]
-            t_chunk = req.targets[start : start + self.chunk_tokens]
-            if torch.is_grad_enabled() and h_chunk.shape[0] > 0:
-                logp, ent = checkpoint(self._score, h_chunk, t_chunk, req.temperature, use_reentrant=False)
+        bounds = chunk_bounds(h.shape[0], self.chunk_tokens)
+        for i, (a, b) in enumerate(bounds):
+            entropy: list[Tensor] = []
+
+            def score(h_chunk: Tensor, t_chunk: Tensor, entropy: list[Tensor] = entropy) -> Tensor:
+                logp, ent = self._score(h_chunk, t_chunk, req.temperature, with_entropy=not entropy)
+                if ent is not None:
+                    entropy.append(ent)
+                return logp
+
+            if torch.is_grad_enabled() and b > a and i < len(bounds) - 1:
+                logp = checkpoint(score, h[a:b], req.targets[a:b], use_reentrant=False)
             else:
-                logp, ent = self._score(h_chunk, t_chunk, req.temperature)
+                logp = score(h[a:b], req.targets[a:b])
             pieces_logp.append(logp)
-            pieces_ent.append(ent)
+            pieces_ent.append(entropy[0])
         logp = torch.cat(pieces_logp)
         out = torch.zeros(req.shape, dtype=logp.dtype, device=logp.device)
         out = out.index_put((req.rows, req.slots), logp)
@@ -72,15 +83,28 @@ class CompletionHead(nn.Module):
         self.entropy = entropy.index_put((req.rows, req.slots), torch.cat(pieces_ent))
         return out
 
-    def _score(self, h: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    def _score(
+        self, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         # fp32 (float64 kept) before the log-softmax: bf16 loses too much over a large vocabulary.
         z = F.linear(h, self.weight, self.bias)
-        z = (z if z.dtype == torch.float64 else z.float()) / temperature
-        lse = torch.logsumexp(z, dim=-1)
-        logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-        with torch.no_grad():  # no loss term uses the entropy: no graph for it
-            entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+        z = z if z.dtype == torch.float64 else z.float()
+        if temperature != 1.0:  # a division of a vocabulary-sized tensor (and its backward) saved at T = 1
+            z = z / temperature
+        logp_all = F.log_softmax(z, dim=-1)  # one fused kernel, forward and backward
+        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():  # no loss term uses the entropy: no graph for it
+                entropy = -(logp_all.exp() * logp_all).sum(-1)
         return logp, entropy
+
+
+def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[a, b) spans of at most `chunk` covering range(n), cut from the end: the remainder comes first and
+    the last span is a whole chunk (one empty span when n = 0)."""
+    edges = [0, *range(n % chunk or chunk, n, chunk), n]
+    return list(pairwise(edges))
 
 
 def install_completion_head(model: nn.Module, chunk_tokens: int) -> CompletionHead:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from cluster.config import Config
+from cluster.placement import parse_cores
 from learner.build_locks import orphaned_build_locks_removed
 
 # The size of a shard of the Hugging Face export: the most rank 0 holds while it writes one (export_hf).
@@ -40,15 +41,6 @@ def _loss_mask(row: dict) -> list[int]:
     if len(mask) != len(row["completion_ids"]):
         raise ValueError(f"a row's loss_mask has {len(mask)} entries for {len(row['completion_ids'])} tokens")
     return mask
-
-
-def _parse_cores(spec: str) -> set[int]:
-    """'1', '2-3', '0,2-3' → a set of core ids."""
-    cores: set[int] = set()
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        cores.update(range(int(lo), int(hi or lo) + 1))
-    return cores
 
 
 def _node_address() -> str:
@@ -74,7 +66,7 @@ class LearnerRank:
         if device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             if learner.cpu_affinity:
-                cores = _parse_cores(learner.cpu_affinity)
+                cores = set(parse_cores(learner.cpu_affinity))
                 os.sched_setaffinity(0, cores)
                 cpu_threads = len(cores)
             if cpu_threads:
@@ -211,6 +203,11 @@ class LearnerRank:
             self.engine, *_ = deepspeed.initialize(
                 model=self.model, model_parameters=self.model.parameters(), config=ds_config
             )
+        if self.world_size == 1 and self.learner.zero_stage == 0:
+            # DeepSpeed's stage-0 backward flattens every gradient into one buffer, all-reduces it over a
+            # group of one and copies it back: three passes over the gradients for nothing (~8 % of the step
+            # at 135M on CPU, benchmarks/real_model.py). The same switch its pipeline engine turns off.
+            self.engine.enable_backward_allreduce = False
         if self.algo.kl_coef > 0:  # β = 0 loads no reference model at all
             from transformers import AutoModelForCausalLM
 
@@ -370,8 +367,10 @@ class LearnerRank:
         backend: str,
         bucket_bytes: int,
         timeout_s: float | None = None,
+        weight_transport: str = "auto",
     ) -> None:
-        """`backend`: duet_host or duet_nccl (actors.weight_receiver)."""
+        """`backend`: duet_host or duet_nccl (actors.weight_receiver); `weight_transport`:
+        cluster.weight_transport, how duet_host reaches each engine (actors.weight_transport)."""
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
         from actors.weight_receiver import BACKEND_NCCL
@@ -386,9 +385,12 @@ class LearnerRank:
 
         register_trainer_engine()
         self.transfer_timeout_s = timeout_s or TRANSFER_TIMEOUT_S
-        client = EngineFleetClient(engine_handles, workers_per_engine, self.transfer_timeout_s)
-        world = 1 + len(engine_handles) * workers_per_engine
         source = ZeroModuleSource(self.engine.module, self.learner.zero_stage)
+        transports = None
+        if backend != BACKEND_NCCL and self.rank == 0:
+            transports = self._choose_transports(engine_handles, source, weight_transport)
+        client = EngineFleetClient(engine_handles, workers_per_engine, self.transfer_timeout_s, transports)
+        world = 1 + len(engine_handles) * workers_per_engine
         if backend == BACKEND_NCCL:
             info = DuetNCCLTrainerInitInfo(
                 master_address=address,
@@ -407,6 +409,23 @@ class LearnerRank:
                 timeout_s=self.transfer_timeout_s,
             )
         self.sender = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
+
+    def _choose_transports(self, engine_handles: list, source: Any, mode: str) -> list[str]:
+        """Per engine: shared memory when it runs on this rank's node (and /dev/shm has room), else the
+        network; see actors.weight_transport.choose_transports."""
+        import ray
+
+        from actors.weight_transport import choose_transports, param_nbytes, shm_free_bytes
+
+        infos = ray.get([h.ready.remote() for h in engine_handles], timeout=self.transfer_timeout_s)
+        nodes = [info["node"] for info in infos]
+        nbytes = sum(param_nbytes(m.dtype, m.shape) for m in source.metadata())
+        here = ray.get_runtime_context().get_node_id()
+        transports, note = choose_transports(mode, here, nodes, nbytes, shm_free_bytes())
+        self.transport_note = note
+        if note is not None:
+            print(f"weight transfer: {note}", flush=True)  # in the learner's log, and sync/... say which
+        return transports
 
     def broadcast(self, version: int, checksum: bool = True) -> dict[str, Any]:
         """Send the weights as `version`; `checksum`: hash the bytes at both ends (a checked step)."""

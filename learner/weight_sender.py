@@ -4,7 +4,8 @@ Two trainer engines, registered with vLLM's `WeightTransferTrainerFactory` under
 worker-side pairs (`actors.weight_receiver`) and driven the same way: `trainer_init(init_info,
 client=..., source=...)`, then one update per policy version (`send`).
 - `duet_host` (CPU runs, the colocated GPU mode): rank 0 packs the weights into byte buckets and
-  broadcasts them over a gloo group (`actors.weight_transport`).
+  broadcasts them over a gloo group, or, for engines on its own node, packs them into a shared-memory
+  file those engines map (`actors.weight_transport`; `cluster.weight_transport` chooses).
 - `duet_nccl` (GPUs): vLLM's own NCCL trainer engine.
 
 What does not depend on the transport: the version stamps (the fleet client stamps every engine's
@@ -51,6 +52,9 @@ from actors.weight_receiver import (
     DuetHostUpdateInfo,
 )
 from actors.weight_transport import (
+    NETWORK,
+    SHARED_MEMORY,
+    SharedSegment,
     TensorDigest,
     open_group,
     param_nbytes,
@@ -74,16 +78,29 @@ class EngineFleetClient:
     trainer engine leaves out: `finish_weight_update` without a version stamps `pending_version` (the
     version being sent), so engines never resume generating under new weights with the old version
     number, and `update_weights` carries `pending_checksum` (whether this update is hashed).
+
+    `transports`: per engine, NETWORK (in the gloo group; the default) or SHARED_MEMORY (maps `segment`,
+    the sender's (path, bytes), and is not in the group).
     """
 
     def __init__(
-        self, handles: list, workers_per_engine: int = 1, timeout_s: float = TRANSFER_TIMEOUT_S
+        self,
+        handles: list,
+        workers_per_engine: int = 1,
+        timeout_s: float = TRANSFER_TIMEOUT_S,
+        transports: list[str] | None = None,
     ) -> None:
         self.handles = handles
         self.workers_per_engine = workers_per_engine
         self.timeout_s = timeout_s
+        self.transports = transports or [NETWORK] * len(handles)
+        self.segment: tuple[str, int] | None = None
         self.pending_version: str | None = None
         self.pending_checksum = False
+
+    def group_size(self) -> int:
+        """Learner rank 0 and the workers of the engines that receive over the network."""
+        return 1 + self.transports.count(NETWORK) * self.workers_per_engine
 
     def wait(self, refs: list, what: str, deadline: float | None = None) -> list:
         """`ray.get` with a deadline; names the engines that did not answer in time."""
@@ -99,15 +116,16 @@ class EngineFleetClient:
         return ray.get(refs)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self.wait(
-            [
-                h.init_weight_transfer_engine.remote(
-                    {**init_info, "rank_offset": 1 + i * self.workers_per_engine}
-                )
-                for i, h in enumerate(self.handles)
-            ],
-            "joining the transfer group",
-        )
+        refs, in_group = [], 0
+        for h, transport in zip(self.handles, self.transports):
+            info = {**init_info, "transport": transport}
+            if transport == SHARED_MEMORY:
+                info["segment_path"], info["segment_bytes"] = self.segment
+            else:
+                info["rank_offset"] = 1 + in_group * self.workers_per_engine
+                in_group += 1
+            refs.append(h.init_weight_transfer_engine.remote(info))
+        self.wait(refs, "joining the transfer group")
 
     def start_weight_update(self) -> None:
         self.wait([h.start_weight_update.remote() for h in self.handles], "start_weight_update")
@@ -120,10 +138,16 @@ class EngineFleetClient:
         version = weight_version if weight_version is not None else self.pending_version
         self.wait([h.finish_weight_update.remote(version) for h in self.handles], "finish_weight_update")
 
-    def begin_update(self, update_info: dict[str, Any], weight_version: str | None) -> list:
-        """The whole start/update/finish round on every engine, one actor call each; returns the calls
-        to `wait` on (the engines receive while the learner sends)."""
-        return [h.apply_weight_update.remote(update_info, weight_version) for h in self.handles]
+    def begin_update(
+        self, update_info: dict[str, Any], weight_version: str | None, transport: str | None = None
+    ) -> list:
+        """The whole start/update/finish round on every engine (or those of one `transport`), one actor
+        call each; returns the calls to `wait` on (the engines receive while the learner sends)."""
+        return [
+            h.apply_weight_update.remote(update_info, weight_version)
+            for h, t in zip(self.handles, self.transports)
+            if transport is None or t == transport
+        ]
 
     def raise_engine_failure(self, refs: list, within_s: float = 5.0) -> None:
         """Raise the error of an update call among `refs` that failed within `within_s`, if any: when an
@@ -166,11 +190,14 @@ class DuetHostTrainerInitInfo(TrainerInitInfo):
 
 
 class DuetHostTrainerWeightTransferEngine(TrainerWeightTransferEngine[DuetHostTrainerInitInfo]):
-    """Rank 0 packs parameters into byte buckets and broadcasts them over a gloo group.
+    """Rank 0 packs parameters into byte buckets and broadcasts them over a gloo group to the engines
+    that receive over the network, and packs them into a shared-memory segment for the engines on its
+    node (the client's `transports`); with both, the segment is the staging and the broadcast sends from it.
 
     Near the transport's floor: two staging buffers kept across updates (bucket k+1 is packed while
     bucket k is on the wire; a bucket that is one contiguous tensor goes without a copy); tensors hashed
-    only when the update is checked; one actor call per engine per update (`begin_update`).
+    only when the update is checked; one actor call per engine per update (`begin_update`). The
+    shared-memory engines start their update once every bucket is packed: their bytes are then all there.
     The other learner ranks iterate the source too: under ZeRO-3 each parameter is gathered by
     a collective in which every rank takes part.
     """
@@ -182,6 +209,7 @@ class DuetHostTrainerWeightTransferEngine(TrainerWeightTransferEngine[DuetHostTr
         self.info = init_info
         self.group = None
         self.store = None
+        self.segment: SharedSegment | None = None
         self.last_digest: str | None = None
         self.broken = False  # an update broke off: the group may hold half-sent collectives
         self.staging: list[torch.Tensor] = []
@@ -197,14 +225,19 @@ class DuetHostTrainerWeightTransferEngine(TrainerWeightTransferEngine[DuetHostTr
         engine = cls(client=client, source=source, is_sender=init_info.is_sender, init_info=init_info)
         if not engine.is_sender:
             return engine
+        world = client.group_size()
         worker_info = DuetHostInitInfo(
             master_address=init_info.master_address,
             master_port=init_info.master_port,
             rank_offset=1,  # the fleet client gives each engine its own offset
-            world_size=init_info.world_size,
+            world_size=world,
             bucket_bytes=init_info.bucket_bytes,
             timeout_s=init_info.timeout_s,
         )
+        if SHARED_MEMORY in client.transports:
+            nbytes = sum(param_nbytes(m.dtype, m.shape) for m in source.metadata())
+            engine.segment = SharedSegment(nbytes)
+            client.segment = (engine.segment.path, nbytes)
         # The workers block in the rendezvous until rank 0 joins: start them first, on a side thread.
         done: list = []
         side = threading.Thread(
@@ -213,12 +246,16 @@ class DuetHostTrainerWeightTransferEngine(TrainerWeightTransferEngine[DuetHostTr
         )
         side.start()
         try:
-            engine.store, engine.group = open_group(
-                init_info.master_address, init_info.master_port, 0, init_info.world_size, init_info.timeout_s
-            )
+            if world > 1:
+                engine.store, engine.group = open_group(
+                    init_info.master_address, init_info.master_port, 0, world, init_info.timeout_s
+                )
         finally:
             side.join()
+            if engine.segment is not None:
+                engine.segment.unlink()  # mapped by every engine that will ever use it (or failed)
         if isinstance(done[0], BaseException):
+            engine.shutdown()
             raise done[0]
         return engine
 
@@ -242,16 +279,17 @@ class DuetHostTrainerWeightTransferEngine(TrainerWeightTransferEngine[DuetHostTr
         if not self.is_sender:
             drain(pairs)  # join the trainer-side gathers only
             return
-        if self.broken or self.group is None:
+        if self.broken or (self.group is None and self.segment is None):
             drain(pairs)
             raise WeightTransferError("the transfer group broke in an earlier update: reconnect first")
         update_info, buckets, sizes = self._update_plan(meta)
         update_info = {**update_info, "checksum": checksum}
         deadline = time.monotonic() + self.info.timeout_s
         digest = TensorDigest() if checksum else None
-        receiving = self.client.begin_update(update_info, weight_version)
+        receiving = self.client.begin_update(update_info, weight_version, NETWORK)
         try:
             self._pack_and_send(pairs, meta, buckets, sizes, digest, deadline)
+            receiving += self.client.begin_update(update_info, weight_version, SHARED_MEMORY)
         except Exception as e:
             self.broken = True
             drain(pairs)
@@ -260,7 +298,7 @@ class DuetHostTrainerWeightTransferEngine(TrainerWeightTransferEngine[DuetHostTr
         t0 = time.perf_counter()
         try:
             self.client.wait(receiving, f"receiving version {weight_version}", deadline)
-        except WeightTransferError:
+        except Exception:  # late, or an engine's own error (it died): reconnect before the next update
             self.broken = True
             raise
         self.stats["engines_s"] = time.perf_counter() - t0
@@ -277,6 +315,7 @@ class DuetHostTrainerWeightTransferEngine(TrainerWeightTransferEngine[DuetHostTr
     ) -> None:
         in_flight: list[tuple[Any, Any] | None] = [None, None]  # per staging slot: (work, what it holds)
         pack_s = wait_s = 0.0
+        offset = 0  # into the shared segment
 
         def settle(slot: int) -> float:
             t = time.perf_counter()
@@ -302,13 +341,18 @@ class DuetHostTrainerWeightTransferEngine(TrainerWeightTransferEngine[DuetHostTr
                     digest.add(name, tensor)
                 parts.append(tensor.detach())
             total = sum(sizes[i] for i in bucket)
-            if len(parts) == 1 and parts[0].device.type == "cpu" and parts[0].is_contiguous():
+            if self.segment is not None:  # the shared-memory engines read it here; the network gets it too
+                payload = self.segment.buffer[offset : offset + total]
+                _pack(payload, parts, [sizes[i] for i in bucket])
+            elif len(parts) == 1 and parts[0].device.type == "cpu" and parts[0].is_contiguous():
                 payload = parts[0].reshape(-1).view(torch.uint8)  # one tensor: send it in place
             else:
                 payload = self._staging(slot, total)
                 _pack(payload, parts, [sizes[i] for i in bucket])
+            offset += total
             pack_s += time.perf_counter() - t0
-            in_flight[slot] = (self.group.broadcast(payload, 0), (payload, parts))
+            if self.group is not None:
+                in_flight[slot] = (self.group.broadcast(payload, 0), (payload, parts))
         for slot in (0, 1):
             wait_s += settle(slot)
         self.stats = {
@@ -317,6 +361,8 @@ class DuetHostTrainerWeightTransferEngine(TrainerWeightTransferEngine[DuetHostTr
             "pack_s": pack_s - (digest.seconds if digest is not None else 0.0),
             "send_wait_s": wait_s,
             "hash_s": digest.seconds if digest is not None else 0.0,
+            "network_engines": self.client.transports.count(NETWORK),
+            "shared_memory_engines": self.client.transports.count(SHARED_MEMORY),
         }
 
     def _staging(self, slot: int, nbytes: int) -> torch.Tensor:
@@ -357,6 +403,9 @@ class DuetHostTrainerWeightTransferEngine(TrainerWeightTransferEngine[DuetHostTr
         self.group = None
         self.store = None
         self.staging = []
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
         if self.is_sender:
             self.client.shutdown_weight_transfer_engine()
 
@@ -508,6 +557,7 @@ def _send_nccl(
         "time_s": time.perf_counter() - t0,
         "digest": sender.last_digest,
         "hash_s": 0.0 if digest is None else digest.seconds,
+        "bytes": float(sum(param_nbytes(m.dtype, m.shape) for m in handover.metadata())),
     }
 
 

@@ -59,6 +59,8 @@ def test_weights_cross_the_network_engine_and_learner_on_different_nodes(tmp_pat
         assert all(m["sync/checksum_match"] is True for m in metrics), [
             m.get("sync/checksum_match") for m in metrics
         ]
+        # The engine is on another node than learner rank 0: weight_transport=auto keeps it on the network.
+        assert [(m["sync/shared_memory_engines"], m["sync/network_engines"]) for m in metrics] == [(0, 1)] * 3
         actors = _actors(run_dir)
         engine_node = cluster.node(actors["engines"][0]["address"])
         learner_node = cluster.node(actors["learner_addresses"][0])

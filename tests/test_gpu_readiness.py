@@ -175,7 +175,7 @@ def test_eval_plans_from_the_cluster_and_a_colocated_plan_that_cannot_fit_is_ref
         assert plan.colocated and warnings == []
         with pytest.raises(PreflightError, match=r"do not fit one GPU of 4\.1 MiB") as e:
             check_plan(load_config(overrides=[*colocated, "cluster.gpu_memory_gib=0.004"]))
-        assert "0.3 M parameters in float32 at ZeRO-2" in str(e.value)
+        assert "0.3 M parameters in float32 at ZeRO-0" in str(e.value)
     finally:
         ray.shutdown()
 

@@ -68,7 +68,8 @@ def test_rendezvous_on_rank0_node(two_node_ray, tiny_model):
             return self.info
 
     assert ray.util.get_node_ip_address() != WORKER  # the driver's node is not the learner's
-    cfg = load_config(overrides=["learner.num_ranks=2"])
+    # The stand-in engine joins the gloo group (it has no node of its own to share memory with).
+    cfg = load_config(overrides=["learner.num_ranks=2", "cluster.weight_transport=network"])
     pg = placement_group([{"CPU": 1}] * 2)
     ray.get(pg.ready(), timeout=60)
     learner = LearnerGroup(cfg, str(tiny_model), pg, "cpu", 1)

@@ -108,3 +108,15 @@ def test_uneven_shards_equal_one_rank(local_ray, tiny_model, zero_stage):
             assert diff <= 1e-6, f"{case}: {name} differs by {diff}"
         assert any(not torch.equal(w1[n], start[n]) for n in w1), f"{case}: the step moved no weight"
         start = w1
+    if zero_stage == 2:
+        # One rank at ZeRO-0, the default for one rank (DeepSpeed's all-reduce over a group of one switched
+        # off, learner/rank.py), takes the same steps as one rank at ZeRO-2.
+        stage0 = [o if not o.startswith("learner.zero_stage=") else "learner.zero_stage=0" for o in overrides]
+        for (stats0, w0), (stats1, w1) in zip(_run(ray, path, stage0, 1, batches), one):
+            assert abs(stats0["train/loss"] - stats1["train/loss"]) <= 1e-6, (stats0, stats1)
+            assert (
+                abs(stats0["train/grad_norm"] - stats1["train/grad_norm"]) <= 1e-5 * stats1["train/grad_norm"]
+            )
+            for name in w1:
+                diff = (w0[name] - w1[name]).abs().max().item()
+                assert diff <= 1e-6, f"ZeRO-0: {name} differs from ZeRO-2 by {diff}"

@@ -74,6 +74,25 @@ def test_trainer_refuses_a_used_folder(tmp_path):
         Trainer(load_config(overrides=["train.steps=1"]), tmp_path)
 
 
+def test_resume_at_another_zero_stage_is_refused_naming_both(capsys, tmp_path, no_actors):
+    """Issue 24: each ZeRO stage lays out DeepSpeed's optimizer state its own way; a resume that changes the
+    stage is refused before any actor starts, and the run's config.yaml is left as it was."""
+    from cluster.config import load_config
+    from cluster.runtime import write_config
+
+    _old_run(tmp_path)
+    write_config(tmp_path, load_config(overrides=["train.steps=1"]))  # one rank, float32: ZeRO-0
+    state = {"step": 80, "learner": {"zero_stage": 0, "num_ranks": 1}}
+    (tmp_path / "checkpoints" / "step_000080" / "driver_state.json").write_text(json.dumps(state))
+    before = (tmp_path / "config.yaml").read_text()
+    assert "zero_stage: 0" in before
+    rc, err = run_cli(capsys, "train", "--resume", str(tmp_path), "learner.zero_stage=2")
+    assert rc == 2, err
+    assert "written at learner.zero_stage=0" in err and "asks for learner.zero_stage=2" in err, err
+    assert "Resume with learner.zero_stage=0" in err
+    assert (tmp_path / "config.yaml").read_text() == before
+
+
 def test_pruning_keeps_the_newest_steps_by_number(tmp_path):
     learner = FolderLearner()
     for step in (999_999, 1_000_000, 1_000_001):  # step_1000000 sorts before step_999999 by name

@@ -36,6 +36,24 @@ def test_derived_defaults_are_filled_once_and_read_back_on_resume(tmp_path):
     assert (own.algorithm.length_norm, own.eval.max_tokens) == (7, 9)
 
 
+@pytest.mark.parametrize(
+    "overrides, stage",
+    [
+        ([], 0),  # one rank, float32: nothing to partition
+        (["learner.num_ranks=2"], 2),
+        (["model.dtype=bfloat16"], 2),  # one rank, but float32 sums of bf16 gradients need ZeRO
+        (["model.dtype=bfloat16", "learner.grad_accum_dtype=model"], 0),
+        (["learner.num_ranks=4", "learner.zero_stage=3"], 3),  # a stage the user set is theirs
+        (["learner.zero_stage=1"], 1),
+    ],
+)
+def test_zero_stage_defaults_to_what_the_rank_count_needs(tmp_path, overrides, stage):
+    cfg = load_config(overrides=overrides)
+    assert cfg.learner.zero_stage == stage
+    write_config(tmp_path, cfg)  # as a number: a resume keeps it even when the rank count changes
+    assert load_config(tmp_path / "config.yaml", ["learner.num_ranks=3"]).learner.zero_stage == stage
+
+
 def test_overrides_leave_the_presets_as_they_are():
     before = json.dumps(PRESETS, sort_keys=True)
     cfg = load_config(preset="2-grpo", overrides=["algorithm.clip_low=0.1", "rollout.group_size=4"])

@@ -38,6 +38,32 @@ def test_a_single_worker_cpu_engine_runs_its_worker_in_the_engine_core_unless_to
         load_config(overrides=["rollout.cpu_executor=ray"])
 
 
+def test_a_cpu_engine_runs_one_openmp_thread_per_core_it_is_bound_to():
+    """Ray sets OMP_NUM_THREADS=1 (the bundle's CPU) in an actor that has none, and with the `uni` executor
+    vLLM never sets it from the binding: the plan does (issue 24: the engine generated on one of its 2 cores)."""
+    one = make_plan(load_config(overrides=["run.device=cpu", "run.cpu_cores=2"]))
+    assert [(e["VLLM_CPU_OMP_THREADS_BIND"], e["OMP_NUM_THREADS"]) for e in one.engine_env] == [("0-1", "2")]
+    two = make_plan(load_config(overrides=["run.device=cpu", "run.cpu_cores=4", "rollout.num_engines=2"]))
+    assert [(e["VLLM_CPU_OMP_THREADS_BIND"], e["OMP_NUM_THREADS"]) for e in two.engine_env] == [
+        ("0-1", "2"),
+        ("2-3", "2"),
+    ]
+    # Asynchronous, bound automatically: the learner trains on those cores meanwhile, one thread stays.
+    shared = make_plan(
+        load_config(overrides=["run.device=cpu", "run.cpu_cores=2", "train.max_staleness_versions=1"])
+    )
+    assert shared.engine_env[0]["OMP_NUM_THREADS"] == "1"
+    # Pinned by the user (the async benchmarks: engine on core 0, learner on core 1): what the pin says.
+    pinned = make_plan(
+        load_config(
+            overrides=["run.device=cpu", "train.max_staleness_versions=1", "rollout.cpu_threads_bind='0,2-3'"]
+        )
+    )
+    assert pinned.engine_env[0]["OMP_NUM_THREADS"] == "3"
+    crowded = make_plan(load_config(overrides=["run.device=cpu", "run.cpu_cores=1", "rollout.num_engines=2"]))
+    assert [e.get("OMP_NUM_THREADS") for e in crowded.engine_env] == [None, None]  # nobind: left to Ray
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_engines_of_two_workers_receive_the_weights(local_ray, tiny_model):

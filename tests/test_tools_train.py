@@ -91,3 +91,29 @@ def test_async_episodes_python_tool_dr_grpo(local_ray, tmp_path, model_cache):
         assert all(int(age) <= 1 for age in m["staleness/histogram"])
         assert m["tools/calls"] > 0 and m["episodes/model_wait_s"] > 0 and m["episodes/tool_wait_s"] > 0
         assert "time/generate_tool_s" not in m  # asynchronous: generation is off the step's path
+
+
+def test_sync_episodes_dapo_groups_of_sixteen_refill_and_mask_overlong(local_ray, tmp_path, model_cache):
+    """The dapo preset on episodes: groups of 16 episodes per prompt (as 16-grpo), tied groups dropped and
+    refilled with fresh prompts, episodes cut at their token budget masked out; the learner trains on them."""
+    cfg = load_config(
+        preset="dapo",
+        overrides=[
+            *COMMON,
+            "train.steps=2",
+            "rollout.prompts_per_step=2",
+            "env.name=calculator",
+            f"model.cache_dir={model_cache}",
+            "checkpoint.final=false",
+        ],
+    )
+    assert (cfg.rollout.group_size, cfg.algorithm.refill, cfg.algorithm.overlong) == (16, True, "mask")
+    Trainer(cfg, tmp_path).run()
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert not [k for k in EPISODE_KEYS if k not in m], m.keys()
+        assert m["tools/calls"] > 0 and m["refill/rounds"] >= 0
+        # Whole groups of 16 episodes: every prompt sampled this step (refills included) got 16 of them.
+        assert m["rollouts"] == 16 * len(m["data/prompts"]), (m["rollouts"], m["data/prompts"])
+    assert metrics[-1]["policy_version"] >= 1  # something trained

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from cluster.metrics import read_metrics
 from tests.helpers import run_duet
@@ -22,6 +23,10 @@ def test_duet_train_default_three_steps(tmp_path, model_cache, tiny_model):
     # the default cadence checks the first broadcast and every 10th; the others log null
     assert [m["sync/checksum_match"] for m in metrics] == [True, None, None]
     assert metrics[0]["sync/engine_versions"] == [1]
+    # The engine shares the learner's node: its weights come through shared memory (issue 24), and the first
+    # (checked) step above proves the bytes it loaded are the learner's.
+    assert [(m["sync/shared_memory_engines"], m["sync/network_engines"]) for m in metrics] == [(1, 0)] * 3
+    assert all(m["sync/bytes"] > 1 << 20 for m in metrics)
     required = [
         "reward/mean",
         "rollouts",
@@ -45,6 +50,13 @@ def test_duet_train_default_three_steps(tmp_path, model_cache, tiny_model):
     assert (run_dir / "config.yaml").exists()
     final = sorted((run_dir / "checkpoints").iterdir())[-1]
     assert (final / "hf" / "config.json").exists() and (final / "driver_state.json").exists()
+    # One rank, float32: no ZeRO partitioning by default (issue 24). The stage is written where a resume reads
+    # it, and DeepSpeed's checkpoint is the unpartitioned one (no per-rank optimizer partitions).
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["learner"]["zero_stage"] == 0
+    state = json.loads((final / "driver_state.json").read_text())
+    assert state["learner"] == {"zero_stage": 0, "num_ranks": 1}
+    written = [p.name for p in (final / "deepspeed").rglob("*.pt")]
+    assert written and not [n for n in written if "zero_pp_rank" in n], written
 
     # the exported model is what a user evaluates: `duet eval` loads it as it is
     data = tmp_path / "heldout.jsonl"

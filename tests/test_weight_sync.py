@@ -71,6 +71,37 @@ def perturb_model(model, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def test_same_node_engine_reads_shared_memory_beside_a_network_engine(local_ray, tiny_model):
+    """Issue 24: an engine on learner rank 0's node maps the sender's shared-memory segment, another
+    receives over the gloo group, in the same updates (the segment is then the broadcast's staging). Both
+    load exactly the sender's bytes (digests at load_weights), sample from the new weights, and the
+    segment's name is gone from /dev/shm once both ends have mapped it."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from learner.weight_sender import EngineFleetClient
+
+    ray = local_ray
+    engines = [start_engine(ray, tiny_model, core="0"), start_engine(ray, tiny_model, core="1")]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    client = EngineFleetClient(engines, transports=["shared_memory", "network"])
+    sender = open_sender(model, client, bucket_bytes=1 << 16)  # ~20 buckets: offsets matter
+    assert client.group_size() == 2 and not Path(sender.segment.path).exists()
+    for version in (1, 2):
+        perturb_model(model, version)
+        sender.send_weights(str(version), checksum=True)
+        assert ray.get([e.received_digest.remote() for e in engines]) == [[sender.last_digest]] * 2
+        stats = [s[0] for s in ray.get([e.transfer_stats.remote() for e in engines])]
+        assert [s["transport"] for s in stats] == ["shared_memory", "network"], stats
+        assert stats[0]["bytes"] == stats[1]["bytes"] == sender.stats["bytes"] > 1 << 20
+    assert (sender.stats["shared_memory_engines"], sender.stats["network_engines"]) == (1, 1)
+    for engine in engines:
+        assert_samples_from(ray, engine, model, version=2, prompts=3)
+    sender.shutdown()
+    ray.get([e.shutdown.remote() for e in engines])
+
+
 def test_idle_update_holds_new_requests_and_hung_or_dead_engine_meets_the_deadline(local_ray, tiny_model):
     """An idle engine is updated without a pause, so requests that arrive meanwhile must wait for the
     update and start under the new version. Then the engine hangs (its vLLM processes stopped) in the
