@@ -203,6 +203,19 @@ class RolloutConfig(SamplingConfig):
         "else passed as VLLM_CPU_OMP_THREADS_BIND (e.g. '0-1', 'nobind').",
     )
     enforce_eager: bool = Field(True, description="Skip CUDA graphs / compilation (fast start).")
+
+    @field_validator("cpu_threads_bind")
+    @classmethod
+    def _core_list(cls, value: str) -> str:
+        """vLLM reads it at engine start, deep in a Ray actor: a typo must fail here, naming the field."""
+        cores = r"\d+(-\d+)?(,\d+(-\d+)?)*"
+        if value not in ("auto", "nobind") and not re.fullmatch(rf"{cores}(\|{cores})*", value):
+            raise ValueError(
+                f"{value!r} is not 'auto', 'nobind' or a core list such as '0-1', '0,2-3' or '0-1|2-3' "
+                "(one list per tensor-parallel worker)"
+            )
+        return value
+
     cpu_executor: Literal["uni", "mp"] = Field(
         "uni",
         description="vLLM executor of a single-worker engine on CPU: 'uni' runs vLLM's worker inside its "

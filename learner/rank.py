@@ -415,8 +415,10 @@ class LearnerRank:
         network; see actors.weight_transport.choose_transports."""
         import ray
 
-        from actors.weight_transport import choose_transports, param_nbytes, shm_free_bytes
+        from actors.weight_transport import NETWORK, choose_transports, param_nbytes, shm_free_bytes
 
+        if mode == NETWORK:  # nothing to look up
+            return [NETWORK] * len(engine_handles)
         infos = ray.get([h.ready.remote() for h in engine_handles], timeout=self.transfer_timeout_s)
         nodes = [info["node"] for info in infos]
         nbytes = sum(param_nbytes(m.dtype, m.shape) for m in source.metadata())

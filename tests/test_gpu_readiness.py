@@ -815,6 +815,9 @@ def test_zero3_two_ranks_broadcast_checked_then_an_engine_dies_mid_pass_and_ever
             "learner.zero3_persistence_threshold=0",
             "rollout.num_engines=2",
             "learner.broadcast_bucket_mib=0.05",
+            # The gloo path, where rank 0 meets a dead engine mid-pass: through shared memory rank 0 packs
+            # every bucket before any engine takes part (tests/test_weight_sync.py covers that path).
+            "cluster.weight_transport=network",
         ]
     )
     engines = [
