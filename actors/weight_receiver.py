@@ -1,7 +1,8 @@
 """The engines' side of the weight transfer: vLLM worker-side engines registered under duet's names.
 
 - `duet_host` (CPU runs, and the colocated GPU mode): the bytes go through host memory, over a gloo
-  group or, for an engine on learner rank 0's node, a shared-memory file (`actors.weight_transport`). It follows vLLM's NCCL engine's lifecycle:
+  group or, for an engine on learner rank 0's node, a shared-memory file (`actors.weight_transport`).
+  It follows vLLM's NCCL engine's lifecycle:
   `start_weight_update` opens vLLM's layerwise reload, received tensors go to `model.load_weights`,
   `finish_weight_update` finalizes it.
 - `duet_nccl` (GPUs): vLLM's own NCCL engine, unchanged, with the byte check added at its receive
@@ -33,6 +34,7 @@ from vllm.distributed.weight_transfer.nccl_engine import (
 )
 
 from actors.weight_transport import (
+    NETWORK,
     SHARED_MEMORY,
     HashingLoader,
     NetworkReceiver,
@@ -112,7 +114,6 @@ class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostI
         self.bucket_bytes = 0
         self.reload_open = False  # inside initialize/finalize_layerwise_reload
         self.stats: dict[str, Any] = {}
-        self.transport_name = ""
         self.opened = 0  # transfer groups opened and closed, so a test can see none is left behind
         self.closed = 0
 
@@ -130,7 +131,6 @@ class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostI
                 init_info.world_size,
                 init_info.timeout_s,
             )
-        self.transport_name = init_info.transport
         self.opened += 1
 
     def start_weight_update(self) -> None:
@@ -164,7 +164,7 @@ class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostI
             load_s += time.perf_counter() - t0
         hash_s = self._digest.seconds if self._digest is not None else 0.0
         self.stats.update(
-            transport=self.transport_name,
+            transport=SHARED_MEMORY if isinstance(self.transport, SharedMemoryReceiver) else NETWORK,
             bytes=float(sum(sizes)),
             buckets=float(len(buckets)),
             receive_wait_s=self.transport.wait_s,

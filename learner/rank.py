@@ -403,7 +403,7 @@ class LearnerRank:
             info = DuetHostTrainerInitInfo(
                 master_address=address,
                 master_port=port,
-                world_size=world,
+                world_size=client.group_size(),  # the engines that receive over the network
                 rank=self.rank,
                 bucket_bytes=bucket_bytes,
                 timeout_s=self.transfer_timeout_s,
