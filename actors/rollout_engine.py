@@ -57,9 +57,14 @@ class RolloutEngine:
         weight_transfer_backend: str = "duet_host",
         initial_version: int = 0,
         gpu_memory_wait_s: float | None = None,
+        lora_max_rank: int | None = None,
+        adapter_path: str | None = None,
     ) -> None:
         """`gpu_memory_wait_s` (on GPUs): wait at most this long for the GPUs to have the memory vLLM asks
-        before starting it (actors/gpu_memory.py); None starts vLLM at once."""
+        before starting it (actors/gpu_memory.py); None starts vLLM at once. `lora_max_rank` (LoRA runs):
+        serve the base model with vLLM's LoRA support, adapters up to this rank; the weight updates then
+        carry the adapter, which every request uses once one arrived (before, the base model is version 0:
+        a new adapter's B is zero). `adapter_path` (evaluation of an adapter): requests use that folder's."""
         # vLLM reads the CPU settings (threads, KV cache) from the environment, set per actor by the driver.
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -90,6 +95,23 @@ class RolloutEngine:
         self.active_requests = 0  # vLLM requests added and not finished
         self.busy_s = 0.0  # wall time with at least one request in vLLM (the benchmarks' busy fraction)
         self._busy_since = 0.0
+        self.lora = lora_max_rank is not None
+        self.lora_request = None  # the adapter every request uses (LoRA runs, once one was received)
+        if adapter_path is not None:
+            from vllm.lora.request import LoRARequest
+
+            from learner.lora import ENGINE_LORA_ID, ENGINE_LORA_NAME
+
+            self.lora_request = LoRARequest(ENGINE_LORA_NAME, ENGINE_LORA_ID, adapter_path)
+        lora_args = {}
+        if self.lora:
+            # One adapter, replaced in place after every step: one GPU slot and one CPU cache entry.
+            lora_args = {
+                "enable_lora": True,
+                "max_lora_rank": lora_max_rank,
+                "max_loras": 1,
+                "max_cpu_loras": 1,
+            }
         args = AsyncEngineArgs(
             model=model_path,
             dtype=dtype,
@@ -107,6 +129,7 @@ class RolloutEngine:
             disable_log_stats=True,
             # A prefix cached under old weights must not serve a request after a weight update.
             enable_prefix_caching=False,
+            **lora_args,
         )
         if gpu_memory_wait_s is not None:
             # An engine killed on these GPUs may still hold their memory (it is given back some time after the
@@ -238,7 +261,12 @@ class RolloutEngine:
         if deterministic:
             await self.engine.pause_generation(mode="keep", clear_cache=False)
         try:
-            queues = [await self.engine.add_request(uuid.uuid4().hex, p.text, params) for p in prompts]
+            queues = [
+                await self.engine.add_request(
+                    uuid.uuid4().hex, p.text, params, lora_request=self.lora_request
+                )
+                for p in prompts
+            ]
             if deterministic and seed is not None:
                 await self.engine.collective_rpc("duet_reseed", args=(seed,))
         finally:
@@ -332,7 +360,11 @@ class RolloutEngine:
                     output_kind=RequestOutputKind.FINAL_ONLY,
                 )
                 prompt = TokensPrompt(prompt_token_ids=r.token_ids)
-                queues.append(await self.engine.add_request(uuid.uuid4().hex, prompt, params))
+                queues.append(
+                    await self.engine.add_request(
+                        uuid.uuid4().hex, prompt, params, lora_request=self.lora_request
+                    )
+                )
             if seed is not None:
                 await self.engine.collective_rpc("duet_reseed", args=(seed,))
         finally:
@@ -423,12 +455,28 @@ class RolloutEngine:
         # vLLM stamps the version before generation resumes: no completion ends under the new
         # weights with the old version number.
         await self.engine.finish_weight_update(weight_version=weight_version)
+        if self.lora:
+            await self._load_adapter(weight_version)
         if weight_version is not None:
             self.version = int(weight_version)
         self._end_update()
         if self.paused_for_update:
             self.paused_for_update = False
             await self.engine.resume_generation()
+
+    async def _load_adapter(self, weight_version: str | None) -> None:
+        """LoRA runs: every worker writes the adapter it received on its node and loads it in place of the
+        last (actors.weight_receiver.duet_load_adapter); requests use it from here on. vLLM's
+        finish_weight_update dropped the old one, and the update gate still holds new requests."""
+        from vllm.lora.request import LoRARequest
+
+        from learner.lora import ENGINE_LORA_ID, ENGINE_LORA_NAME
+
+        loaded = await self.engine.collective_rpc(
+            "duet_load_adapter", args=(weight_version or str(self.version),)
+        )
+        # Any worker's folder holds the same adapter: vLLM reads this path only if it must load it again.
+        self.lora_request = LoRARequest(ENGINE_LORA_NAME, ENGINE_LORA_ID, loaded[0]["path"])
 
     def _end_update(self) -> None:
         self.update_active = False

@@ -8,6 +8,12 @@
 - `duet_nccl` (GPUs): vLLM's own NCCL engine, unchanged, with the byte check added at its receive
   callback.
 
+LoRA runs (`adapter` in the init info: the adapter's adapter_config.json) move the adapter, not the model:
+the same transports, stamps and byte check, but what arrives is kept (`AdapterReceiver`) instead of
+loaded into the model, and once the update is finished the worker writes it as a PEFT folder on its own
+node and loads it into vLLM's LoRA manager in place of the last one (`DigestWorkerExtension.duet_load_adapter`;
+vLLM's `finish_weight_update` drops every adapter, so it is loaded after).
+
 Both hash what arrives with the same code at the same boundary (`ReceiveDigest`: every tensor as it
 reaches `model.load_weights`, in arrival order; see `actors.weight_transport`), on the updates the driver
 checks (`checksum` in the update info) and on no others.
@@ -18,6 +24,7 @@ point that vLLM runs in every process it starts.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +37,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.nccl_engine import (
     NCCLWeightTransferEngine,
+    NCCLWeightTransferInitInfo,
     NCCLWeightTransferUpdateInfo,
 )
 
@@ -78,6 +86,24 @@ class ReceiveDigest:
         return 0.0 if digest is None else digest.seconds
 
 
+class AdapterReceiver:
+    """Where an update's tensors go: the model (full weights), or, on LoRA runs, `adapter_tensors` (copied
+    out of the transport's buffers, on the CPU), for `duet_load_adapter` to write and load."""
+
+    adapter: str | None = None  # adapter_config.json of the run's adapter; None: full-weight updates
+    adapter_tensors: dict[str, torch.Tensor]
+
+    def load_weights(self, weights) -> set[str]:
+        names = set()
+        for name, tensor in weights:
+            self.adapter_tensors[name] = tensor.detach().to("cpu", copy=True)
+            names.add(name)
+        return names
+
+    def _update_target(self) -> Any:
+        return self if self.adapter is not None else self.model
+
+
 # ---------------------------------------------------------------- duet_host: through host memory
 @dataclass
 class DuetHostInitInfo(WeightTransferInitInfo):
@@ -90,6 +116,7 @@ class DuetHostInitInfo(WeightTransferInitInfo):
     transport: str = "network"  # or "shared_memory": this engine maps segment_path instead
     segment_path: str = ""
     segment_bytes: int = 0
+    adapter: str | None = None  # LoRA runs: the adapter's adapter_config.json (updates carry the adapter)
 
 
 @dataclass
@@ -100,7 +127,9 @@ class DuetHostUpdateInfo(WeightTransferUpdateInfo):
     checksum: bool = False  # hash this update's tensors (only on the steps the driver checks)
 
 
-class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostInitInfo, DuetHostUpdateInfo]):
+class DuetHostWeightTransferEngine(
+    ReceiveDigest, AdapterReceiver, WeightTransferEngine[DuetHostInitInfo, DuetHostUpdateInfo]
+):
     """Receiving side, one per vLLM worker: buckets from the transport, cut into named tensors (views, no
     copy), handed to `model.load_weights` bucket by bucket."""
 
@@ -116,11 +145,13 @@ class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostI
         self.stats: dict[str, Any] = {}
         self.opened = 0  # transfer groups opened and closed, so a test can see none is left behind
         self.closed = 0
+        self.adapter_tensors = {}
 
     def init_transfer_engine(self, init_info: DuetHostInitInfo) -> None:
         if self.transport is not None:  # a second init replaces the transport; never keep two open
             self.shutdown()
         self.bucket_bytes = init_info.bucket_bytes
+        self.adapter = init_info.adapter
         if init_info.transport == SHARED_MEMORY:
             self.transport = SharedMemoryReceiver(init_info.segment_path, init_info.segment_bytes)
         else:
@@ -140,14 +171,18 @@ class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostI
         )
 
         t0 = time.perf_counter()
+        self._begin_digest()
+        self.stats = {"start_s": 0.0}
+        if self.adapter is not None:  # the base model does not change: nothing of vLLM's reload
+            self.adapter_tensors = {}
+            return
         if self.reload_open:
             # The last update failed mid-receive and vLLM's worker dropped its session without finishing
             # the reload; layers left half-buffered would count old and new bytes together. Close it first.
             finalize_layerwise_reload(self.model, self.model_config)
         initialize_layerwise_reload(self.model)
         self.reload_open = True
-        self._begin_digest()
-        self.stats = {"start_s": time.perf_counter() - t0}
+        self.stats["start_s"] = time.perf_counter() - t0
 
     def receive_weights(self, update_info: DuetHostUpdateInfo) -> None:
         if self.transport is None:
@@ -155,7 +190,7 @@ class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostI
         dtypes = [getattr(torch, d) for d in update_info.dtype_names]
         sizes = [param_nbytes(d, s) for d, s in zip(dtypes, update_info.shapes)]
         buckets = plan_buckets(sizes, pipelined_bucket_bytes(sum(sizes), self.bucket_bytes))
-        receiver = self._receiving_model(self.model, update_info.checksum)
+        receiver = self._receiving_model(self._update_target(), update_info.checksum)
         load_s = 0.0
         for indices, buf in zip(buckets, self.transport.buckets([sum(sizes[i] for i in b) for b in buckets])):
             t0 = time.perf_counter()
@@ -208,7 +243,8 @@ class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostI
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         t0 = time.perf_counter()
-        finalize_layerwise_reload(self.model, self.model_config)
+        if self.adapter is None:
+            finalize_layerwise_reload(self.model, self.model_config)
         self.stats["finalize_s"] = time.perf_counter() - t0
         self.reload_open = False
         self._finish_digest()
@@ -222,32 +258,49 @@ class DuetHostWeightTransferEngine(ReceiveDigest, WeightTransferEngine[DuetHostI
 
 # ---------------------------------------------------------------- duet_nccl: vLLM's NCCL engine, checked
 @dataclass
+class DuetNCCLWeightTransferInitInfo(NCCLWeightTransferInitInfo):
+    # What the fleet client adds to every engine's init info (learner.weight_sender.EngineFleetClient):
+    # vLLM's own init info has no such fields and refuses the call without them.
+    transport: str = "network"  # NCCL engines are always in the group
+    adapter: str | None = None  # LoRA runs: the adapter's adapter_config.json (updates carry the adapter)
+
+
+@dataclass
 class DuetNCCLWeightTransferUpdateInfo(NCCLWeightTransferUpdateInfo):
     checksum: bool = False  # hash this update's tensors (only on the steps the driver checks)
 
 
-class DuetNCCLWeightTransferEngine(ReceiveDigest, NCCLWeightTransferEngine):
+class DuetNCCLWeightTransferEngine(ReceiveDigest, AdapterReceiver, NCCLWeightTransferEngine):
     """vLLM's NCCL engine, its receive path unchanged: while a checked update runs, the model it loads
     into is a `HashingLoader`, so every tensor its packed (or one-by-one) consumer hands to
     `model.load_weights` is hashed there, in arrival order (after its broadcast completed: the copy to the
     host waits on the stream that received it)."""
 
+    init_info_cls = DuetNCCLWeightTransferInitInfo
     update_info_cls = DuetNCCLWeightTransferUpdateInfo
 
+    def init_transfer_engine(self, init_info: DuetNCCLWeightTransferInitInfo) -> None:
+        self.adapter = init_info.adapter
+        self.adapter_tensors = {}
+        super().init_transfer_engine(init_info)
+
     def start_weight_update(self) -> None:
-        super().start_weight_update()
+        if self.adapter is None:
+            super().start_weight_update()  # vLLM's layerwise reload; an adapter update leaves the model be
+        self.adapter_tensors = {}
         self._begin_digest()
 
     def receive_weights(self, update_info: DuetNCCLWeightTransferUpdateInfo) -> None:
         model = self.model
-        self.model = self._receiving_model(model, update_info.checksum)
+        self.model = self._receiving_model(self._update_target(), update_info.checksum)
         try:
             super().receive_weights(update_info)
         finally:
             self.model = model
 
     def finish_weight_update(self) -> None:
-        super().finish_weight_update()
+        if self.adapter is None:
+            super().finish_weight_update()
         self._finish_digest()
 
 
@@ -270,6 +323,33 @@ class DigestWorkerExtension:
             "opened": getattr(engine, "opened", 0),
             "closed": getattr(engine, "closed", 0),
         }
+
+    def duet_load_adapter(self, version: str) -> dict:
+        """LoRA runs, after a finished update: the adapter it carried, written as a PEFT folder on this
+        worker's own node (vLLM loads adapters from a local folder; no shared file system is assumed) and
+        loaded into vLLM's LoRA manager under duet's one adapter id, replacing the last (load_inplace).
+        Returns the folder and the adapter's bytes."""
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from vllm.lora.request import LoRARequest
+
+        from learner.lora import ENGINE_LORA_ID, ENGINE_LORA_NAME, write_adapter
+
+        engine = self.weight_transfer_engine
+        if engine is None or engine.adapter is None or not engine.adapter_tensors:
+            raise RuntimeError("no adapter was received: duet_load_adapter follows a finished LoRA update")
+        root = Path(tempfile.gettempdir()) / f"duet-lora-{os.getpid()}"
+        folder = write_adapter(root / f"v{version}", engine.adapter_tensors, engine.adapter)
+        for old in root.iterdir():
+            if old != folder and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+        t0 = time.perf_counter()
+        self.add_lora(LoRARequest(ENGINE_LORA_NAME, ENGINE_LORA_ID, str(folder), load_inplace=True))
+        nbytes = sum(t.numel() * t.element_size() for t in engine.adapter_tensors.values())
+        engine.stats["adapter_load_s"] = time.perf_counter() - t0
+        return {"path": str(folder), "bytes": nbytes}
 
     def duet_transport_floor(self, nbytes: int, reps: int) -> None:
         self.weight_transfer_engine.transport.floor(nbytes, reps)

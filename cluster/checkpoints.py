@@ -1,7 +1,9 @@
 """Checkpoints on disk: writing them whole or not at all, finding the newest, pruning, resuming.
 
     RUN_DIR/checkpoints/step_000040/deepspeed/   DeepSpeed's checkpoint (model, optimizer, learner state)
-                                   /hf/          a Hugging Face export (final checkpoint only)
+                                   /adapter/     LoRA runs: the adapter in PEFT's format
+                                   /hf/          a Hugging Face export (final checkpoint only; LoRA runs:
+                                                 the base model with the adapter merged in)
                                    /driver_state.json   step, policy version, prompt-stream position
     RUN_DIR/checkpoints/.tmp-step_000040/        the same while it is being written
 
@@ -84,6 +86,8 @@ def save_checkpoint(
     faults.point("checkpoint.before_write", step)
     learner.save_checkpoint(str(tmp / "deepspeed"), _TAG, state)
     faults.point("checkpoint.during_write", step)  # DeepSpeed's files written, driver_state.json not yet
+    if (state.get("learner") or {}).get("lora_rank"):
+        learner.export_adapter(str(tmp / "adapter"))  # a few MB: every checkpoint can be served as it is
     if export_from is not None:
         learner.export_hf(str(tmp / "hf"), export_from)
     (tmp / "driver_state.json").write_text(json.dumps(state))
@@ -109,7 +113,19 @@ def check_resumable(checkpoint: Path, cfg: Config) -> None:
     parameters partitioned too at 3), and DeepSpeed's load_checkpoint does not convert between them.
     Checkpoints written before the stage was recorded are not checked."""
     state = json.loads((checkpoint / "driver_state.json").read_text())
-    written = (state.get("learner") or {}).get("zero_stage")
+    learner = state.get("learner") or {}
+    lora = cfg.learner.lora
+    if learner.get("lora_rank", 0) != lora.rank or (
+        lora.enabled and sorted(learner.get("lora_targets") or []) != sorted(lora.target_modules or [])
+    ):
+        raise ConfigError(
+            f"{checkpoint} was written with learner.lora.rank={learner.get('lora_rank', 0)} "
+            f"(target modules {learner.get('lora_targets')}) and this launch asks for learner.lora.rank="
+            f"{lora.rank} (target modules {lora.target_modules}): a checkpoint holds the trained parameters "
+            "of its own setting (the adapter, or the full weights) and no other. Resume with the setting it "
+            "was written with (drop the override; RUN_DIR/config.yaml holds it)"
+        )
+    written = learner.get("zero_stage")
     asked = cfg.learner.zero_stage
     if written is not None and written != asked:
         raise ConfigError(
@@ -164,7 +180,12 @@ class RunCheckpoints:
             "watchdog": watchdog.state(),
             # Sampling RNG is reseeded per step from (run.seed, step), so the step number restores it.
             "rng": {"scheme": "engines reseeded from run.seed and the step", "seed": self.cfg.run.seed},
-            "learner": {"zero_stage": self.cfg.learner.zero_stage, "num_ranks": self.cfg.learner.num_ranks},
+            "learner": {
+                "zero_stage": self.cfg.learner.zero_stage,
+                "num_ranks": self.cfg.learner.num_ranks,
+                "lora_rank": self.cfg.learner.lora.rank,
+                "lora_targets": self.cfg.learner.lora.target_modules,
+            },
         }
         export_from = self.model_path if export else None
         learner, keep = self.actors.learner, self.cfg.checkpoint.keep

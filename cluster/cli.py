@@ -23,7 +23,7 @@ from cluster.config import (
     refuse_secret_overrides,
 )
 from cluster.data import DatasetError, load_prompts
-from cluster.runtime import check_model, check_run_dir, run_dir_path
+from cluster.runtime import check_model, check_run_dir, resolve_lora_targets, run_dir_path
 
 
 def check_runnable(cfg: Config) -> int:
@@ -33,6 +33,10 @@ def check_runnable(cfg: Config) -> int:
 
     check_model(cfg)
     check_environment(cfg)
+    if cfg.model.path is not None and (Path(cfg.model.path).expanduser() / "config.json").is_file():
+        resolve_lora_targets(
+            cfg, str(Path(cfg.model.path).expanduser())
+        )  # else the driver does, as it starts
     cfg.control.read_token()
     n = len(load_prompts(cfg.data, cfg.run.seed))
     if cfg.eval.every_steps:

@@ -380,6 +380,60 @@ class AlgorithmConfig(_Section):
     overlong_penalty: float = Field(1.0, ge=0.0, description="Reward subtracted when overlong=penalty.")
 
 
+# vLLM 0.32 serves adapters up to these ranks (vllm.config.lora.MaxLoRARanks): an engine is started with the
+# smallest one at or above learner.lora.rank.
+ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class LoraConfig(_Section):
+    """LoRA adapters (PEFT) trained in place of the full weights; the engines serve the base model with vLLM's
+    LoRA support and receive only the adapter after each step (docs/real-model.md, LoRA)."""
+
+    rank: int = Field(
+        0,
+        ge=0,
+        le=ENGINE_LORA_RANKS[-1],
+        description="Adapter rank r (0: off, full fine-tuning). At most 512, the largest rank vLLM serves, and "
+        "at most the smaller side of every target layer.",
+    )
+    alpha: float | None = Field(
+        None, gt=0.0, description="LoRA alpha: the update is scaled by alpha / rank. Default: 2 x rank."
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the adapter's input while training. 0 keeps the learner's log-probs equal to "
+        "the engines' (with dropout they differ in train mode).",
+    )
+    target_modules: list[str] | None = Field(
+        None,
+        description="Names of the linear layers that get an adapter (the last part of the module name, e.g. "
+        "q_proj). Default: every linear layer of the model's decoder blocks (for Llama and Qwen2: the "
+        "attention and MLP projections), read from the model when the run starts and written into "
+        "RUN_DIR/config.yaml.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and (not names or any(not n or not n.replace("_", "").isalnum() for n in names)):
+            raise ValueError(f"must be a non-empty list of module names such as q_proj, got {names!r}")
+        return names
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scaling(self) -> float:
+        return (self.alpha or 2.0 * self.rank) / max(self.rank, 1)
+
+    def engine_max_rank(self) -> int:
+        """vLLM's max_lora_rank for this adapter: the smallest rank vLLM accepts at or above `rank`."""
+        return next(r for r in ENGINE_LORA_RANKS if r >= self.rank)
+
+
 class LearnerConfig(_Section):
     num_ranks: int = Field(1, ge=1, description="DeepSpeed ranks (one Ray actor each).")
     gpus_per_rank: int = Field(1, ge=1, description="GPUs per learner rank; ignored on CPU.")
@@ -438,6 +492,7 @@ class LearnerConfig(_Section):
         description="Completion tokens whose vocabulary-sized logits are materialised at once when the "
         "learner computes log-probs and entropy (memory: this × vocabulary × 4 bytes per chunk).",
     )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (rank 0: off).")
 
 
 ENV_BUILTINS = ("none", "calculator", "python")
@@ -746,6 +801,8 @@ class Config(_Section):
             # learner_plain_ratio 2.69 at ZeRO-2 against 1.25 at ZeRO-0 on 135M, CPU).
             one = self.learner.num_ranks == 1 and (not half or self.learner.grad_accum_dtype == "model")
             self.learner.zero_stage = 0 if one else 2
+        if self.learner.lora.enabled and self.learner.lora.alpha is None:
+            self.learner.lora.alpha = 2.0 * self.learner.lora.rank
         if self.algorithm.length_norm is None:
             self.algorithm.length_norm = self.rollout.max_tokens
         if self.eval.max_tokens is None:
@@ -765,6 +822,15 @@ class Config(_Section):
                 f"rollout.max_engines ({self.rollout.max_engines}) is below rollout.num_engines "
                 f"({self.rollout.num_engines}): raise it or leave it unset"
             )
+        for n_field, n, t_field in (
+            ("rollout.group_size", self.rollout.group_size, "rollout.temperature"),
+            ("eval.samples_per_prompt", self.eval.samples_per_prompt, "eval.temperature"),
+        ):
+            if n > 1 and (self.rollout if t_field.startswith("rollout") else self.eval).temperature == 0:
+                raise ValueError(
+                    f"{t_field}=0 samples greedily, one answer per prompt, and {n_field} is {n}: vLLM refuses "
+                    f"n > 1 with greedy sampling. Set {n_field}=1, or {t_field} above 0"
+                )
         if self.cluster.colocate:
             self._check_colocate()
         if half and self.learner.grad_accum_dtype == "float32" and self.learner.zero_stage == 0:
@@ -996,12 +1062,18 @@ def validate_tree(tree: dict) -> Config:
 def config_reference() -> str:
     """Markdown table of every field: the README's config reference is generated from this."""
     rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for section_name, section_field in Config.model_fields.items():
-        section_cls = section_field.annotation
-        for name, f in section_cls.model_fields.items():
+
+    def section(prefix: str, cls: type[BaseModel]) -> None:
+        for name, f in cls.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, _Section):  # e.g. learner.lora
+                section(f"{prefix}.{name}", f.annotation)
+                continue
             ann = str(f.annotation).replace("typing.", "").replace("|", "\\|")
             if getattr(f.annotation, "__name__", None) in ("int", "float", "str", "bool"):
                 ann = f.annotation.__name__
             default = f.default if f.default is not None else "null"
-            rows.append(f"| `{section_name}.{name}` | `{ann}` | `{default}` | {f.description} |")
+            rows.append(f"| `{prefix}.{name}` | `{ann}` | `{default}` | {f.description} |")
+
+    for section_name, section_field in Config.model_fields.items():
+        section(section_name, section_field.annotation)
     return "\n".join(rows)

@@ -64,6 +64,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         self.actors = RunActors(cfg, run_dir, step_now=lambda: self.step)
         self.model_path = runtime.resolve_model(cfg)
+        runtime.resolve_lora_targets(cfg, self.model_path)  # refused here, naming the field, or written down
         self.checkpoints = RunCheckpoints(run_dir, cfg, self.model_path, self.actors)
         self.prompts = PromptStream(load_prompts(cfg.data, cfg.run.seed), cfg.run.seed, cfg.data.shuffle)
         self.eval_set = eval_prompts(cfg) if cfg.eval.every_steps else None

@@ -319,7 +319,11 @@ def _parser() -> argparse.ArgumentParser:
         description="avg@n and pass@k of a model on problems with reference answers (see cluster/evaluation.py). "
         "Settings come from the same config as `duet train`: eval.*, data.prompt_template, rollout.*, rewards.*.",
     )
-    ap.add_argument("--model", help="model.path: HF model folder (e.g. RUN_DIR/checkpoints/step_XXXXXX/hf)")
+    ap.add_argument(
+        "--model",
+        help="model.path: HF model folder (e.g. RUN_DIR/checkpoints/step_XXXXXX/hf), or a LoRA run's adapter "
+        "folder (RUN_DIR/checkpoints/step_XXXXXX/adapter: its base model served with the adapter)",
+    )
     ap.add_argument(
         "--dataset",
         action="append",
@@ -335,11 +339,20 @@ def eval_main(argv: list[str]) -> int:
     """`duet eval`: validate everything, start engines and reward workers, evaluate, report."""
     from cluster.runtime import check_model, init_ray, resolve_model
     from envs.base import check_environment
+    from learner.lora import adapter_base, is_adapter_folder
 
     args = _parser().parse_args(argv)
+    adapter = None  # (folder, rank) when --model is a LoRA adapter
     try:
         refuse_secret_overrides(args.overrides)  # before anything else reads them, as `duet train` does
-        cfg = config_from_arguments(args, *([f"model.path={args.model}"] if args.model else []))
+        model_arg = args.model
+        if model_arg and is_adapter_folder(model_arg):
+            try:
+                model_arg, rank = adapter_base(model_arg)
+            except ValueError as e:
+                raise ConfigError(f"--model: {e}") from None
+            adapter = (str(Path(args.model).resolve()), rank)
+        cfg = config_from_arguments(args, *([f"model.path={model_arg}"] if model_arg else []))
         prompts = eval_prompts(cfg, args.dataset)
         check_model(cfg)
         check_environment(cfg)
@@ -377,6 +390,7 @@ def eval_main(argv: list[str]) -> int:
             print(f"duet eval: {w}", file=sys.stderr)
         scope = run_scope("eval")  # the actors' Ray names (cluster/naming.py)
         fleet = RolloutFleet(cfg, plan, model_path, name_scope=scope)
+        fleet.adapter = adapter
         tools = start_tool_pool(cfg, scope)  # env.name != none: episodes, as in training
         pool = RewardPool(cfg.rewards, name_scope=scope)
         fleet.start(cfg.rollout.num_engines)
@@ -385,7 +399,7 @@ def eval_main(argv: list[str]) -> int:
             fleet.tools = tools
         print(
             f"duet eval: {len(prompts)} problems × {n} samples on {cfg.rollout.num_engines} engine(s), "
-            f"model {model_path}",
+            f"model {model_path}" + (f" with adapter {adapter[0]}" if adapter else ""),
             file=sys.stderr,
         )
         summary = evaluate(fleet, pool, prompts, n, sampling, cfg.rewards.verifier)
@@ -408,6 +422,7 @@ def eval_main(argv: list[str]) -> int:
     if args.out:
         result = {
             "model": model_path,
+            "adapter": adapter[0] if adapter else None,
             "datasets": args.dataset or ([cfg.eval.path] if cfg.eval.path else ["synthetic"]),
             "samples_per_prompt": n,
             "sampling": sampling.model_dump(),

@@ -49,6 +49,8 @@ class RolloutFleet:
         # With an environment (env.name != none): the ToolPool actor, set by whoever starts it. Every
         # generate call then makes episodes: training, refill, evaluation, more rollouts of a prompt.
         self.tools = None
+        # `duet eval` of a LoRA adapter: (its folder, its rank); the engines serve the base with it.
+        self.adapter: tuple[str, int] | None = None
 
     @property
     def workers_per_engine(self) -> int:
@@ -93,7 +95,16 @@ class RolloutFleet:
             "gpu_memory_wait_s": r.gpu_memory_wait_s
             if self.plan.device == "cuda" and r.gpu_memory_wait_s
             else None,
+            # LoRA runs: the base model with vLLM's LoRA, the adapter coming with each weight update.
+            **self._lora_kwargs(),
         }
+
+    def _lora_kwargs(self) -> dict:
+        lora = self.cfg.learner.lora
+        if self.adapter is not None:
+            folder, rank = self.adapter
+            return {"lora_max_rank": type(lora)(rank=rank).engine_max_rank(), "adapter_path": folder}
+        return {"lora_max_rank": lora.engine_max_rank() if lora.enabled else None}
 
     def start(self, n: int, version: int = 0) -> None:
         self.launch(n, version)

@@ -122,6 +122,20 @@ def resolve_model(cfg: Config) -> str:
     )
 
 
+def resolve_lora_targets(cfg: Config, model_path: str) -> None:
+    """LoRA runs: learner.lora.target_modules checked against the model (or its default read from it) before
+    anything starts; ConfigError names the field."""
+    lora = cfg.learner.lora
+    if not lora.enabled:
+        return
+    from learner.lora import targets_of
+
+    try:
+        lora.target_modules = targets_of(model_path, lora.rank, lora.target_modules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 # What a run leaves in its folder: any of these means the folder holds a run already.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 

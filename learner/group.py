@@ -285,6 +285,12 @@ class LearnerGroup:
     def export_hf(self, directory: str, tokenizer_from: str) -> None:
         ray.get([w.export_hf.remote(directory, tokenizer_from) for w in self.workers])
 
+    def export_adapter(self, directory: str) -> None:
+        ray.get([w.export_adapter.remote(directory) for w in self.workers])
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return ray.get([w.adapter_state_dict.remote() for w in self.workers])[0]
+
     def shutdown(self) -> None:
         for w in self.workers:
             with contextlib.suppress(Exception):  # already dead

@@ -79,6 +79,14 @@ class LearnerRank:
         self.model_path = model_path
         self.torch_dtype = getattr(torch, cfg.model.dtype)
         self.model = self.head = None
+        self.lora = None  # the PEFT LoraConfig when learner.lora.rank > 0: only adapters are trained
+        if learner.lora.enabled:
+            from learner.lora import peft_config
+
+            lora = learner.lora
+            if lora.target_modules is None:
+                raise ValueError("learner.lora.target_modules must be resolved before the learner starts")
+            self.lora = peft_config(lora.rank, lora.alpha, lora.dropout, lora.target_modules, model_path)
         if learner.zero_stage != 3:
             # Every rank holds the whole model at ZeRO 0-2 anyway: load it now, while the engines load.
             self._load_policy()
@@ -175,6 +183,14 @@ class LearnerRank:
         self.head = install_completion_head(self.model, self.learner.logprob_chunk_tokens)
         if self.learner.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if self.lora is not None:
+            from learner.lora import wrap
+
+            if self.learner.gradient_checkpointing:
+                # The embeddings are frozen: without this no input of a checkpointed block needs a gradient
+                # and the adapters inside it would get none.
+                self.model.enable_input_require_grads()
+            self.model = wrap(self.model, self.lora)
 
     def join(self, address: str, port: int, timeout_s: float = 600.0) -> None:
         """Join the process group at rank 0's endpoint and build the DeepSpeed engine (collective); at
@@ -200,15 +216,16 @@ class LearnerRank:
         if self.model is None:
             self._load_policy(ds_config)
         with orphaned_build_locks_removed():
+            trained = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
             self.engine, *_ = deepspeed.initialize(
-                model=self.model, model_parameters=self.model.parameters(), config=ds_config
+                model=self.model, model_parameters=trained, config=ds_config
             )
         if self.world_size == 1 and self.learner.zero_stage == 0:
             # DeepSpeed's stage-0 backward flattens every gradient into one buffer, all-reduces it over a
             # group of one and copies it back: three passes over the gradients for nothing (~8 % of the step
             # at 135M on CPU, benchmarks/real_model.py). The same switch its pipeline engine turns off.
             self.engine.enable_backward_allreduce = False
-        if self.algo.kl_coef > 0:  # β = 0 loads no reference model at all
+        if self.algo.kl_coef > 0 and self.lora is None:  # β = 0 loads no reference model at all
             from transformers import AutoModelForCausalLM
 
             from learner.logprobs import install_completion_head
@@ -232,6 +249,12 @@ class LearnerRank:
         """Per-token log π(completion token | prefix) of the tempered distribution, [B, C], and entropy."""
         from learner.logprobs import completion_logprobs
 
+        if ref and self.lora is not None:
+            # The reference of a LoRA run is its base model: the same weights with the adapter switched off.
+            with self.engine.module.disable_adapter():
+                return completion_logprobs(
+                    self.engine, self.head, prompt_ids, completion_ids, self.temperature, self.device
+                )
         model, head = (self.ref, self.ref_head) if ref else (self.engine, self.head)
         return completion_logprobs(model, head, prompt_ids, completion_ids, self.temperature, self.device)
 
@@ -304,7 +327,7 @@ class LearnerRank:
             else:
                 old = logp.detach()  # one update per batch: π_old is the policy that starts the step
             ref = None
-            if self.ref is not None:
+            if self.algo.kl_coef > 0:
                 with torch.no_grad():
                     ref, _ = self._logprobs(True, prompts, comps)
             loss, stats = policy_loss(
@@ -385,11 +408,15 @@ class LearnerRank:
 
         register_trainer_engine()
         self.transfer_timeout_s = timeout_s or TRANSFER_TIMEOUT_S
-        source = ZeroModuleSource(self.engine.module, self.learner.zero_stage)
+        source = ZeroModuleSource(
+            self.engine.module, self.learner.zero_stage, adapter_only=self.lora is not None
+        )
         transports = None
         if backend != BACKEND_NCCL and self.rank == 0:
             transports = self._choose_transports(engine_handles, source, weight_transport)
-        client = EngineFleetClient(engine_handles, workers_per_engine, self.transfer_timeout_s, transports)
+        client = EngineFleetClient(
+            engine_handles, workers_per_engine, self.transfer_timeout_s, transports, self.adapter_config()
+        )
         world = 1 + len(engine_handles) * workers_per_engine
         if backend == BACKEND_NCCL:
             info = DuetNCCLTrainerInitInfo(
@@ -409,6 +436,13 @@ class LearnerRank:
                 timeout_s=self.transfer_timeout_s,
             )
         self.sender = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
+
+    def adapter_config(self) -> str | None:
+        """adapter_config.json of this run's adapter (None without LoRA): the engines write it beside each
+        adapter they receive, and the export writes it."""
+        from learner.lora import config_json
+
+        return None if self.lora is None else config_json(self.lora)
 
     def _choose_transports(self, engine_handles: list, source: Any, mode: str) -> list[str]:
         """Per engine: shared memory when it runs on this rank's node (and /dev/shm has room), else the
@@ -443,15 +477,28 @@ class LearnerRank:
 
     # ---- state ----
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full weights in HF names, on CPU (gathered under ZeRO-3). For tests and exports."""
-        from learner.weight_sender import ZeroModuleSource
+        """The full weights in HF names, on CPU (gathered under ZeRO-3; with LoRA the merged weights, as the
+        export writes them). For tests."""
+        zero3, out = self.learner.zero_stage == 3, {}
+        for name, params, value in _export_plan(self.engine.module, self.lora is not None):
+            with _gathered(params, zero3):
+                out[name] = value(*(p.data.detach() for p in params)).to("cpu", copy=True)
+        return out
 
-        source = ZeroModuleSource(self.engine.module, self.learner.zero_stage)
-        return {name: t.detach().to("cpu").clone() for name, t in source}
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's saved names, on CPU (LoRA runs; gathered under ZeRO-3)."""
+        from learner.lora import adapter_params
+
+        zero3, out = self.learner.zero_stage == 3, {}
+        for name, p in adapter_params(self.engine.module):
+            with _gathered(p, zero3):
+                out[name] = p.data.detach().to("cpu", copy=True)
+        return out
 
     def perturb(self, scale: float, seed: int) -> None:
-        """Add seeded noise to every weight (tests: prove that a broadcast really moves weights). Under
-        ZeRO-3 each parameter is gathered (every rank), changed on rank 0 and partitioned again."""
+        """Add seeded noise to every trained weight (every weight; with LoRA the adapter's) (tests: prove that
+        a broadcast really moves weights). Under ZeRO-3 each parameter is gathered (every rank), changed on
+        rank 0 and partitioned again."""
         import contextlib
 
         import deepspeed
@@ -460,6 +507,8 @@ class LearnerRank:
         zero3 = self.learner.zero_stage == 3
         with torch.no_grad():
             for p in self.engine.module.parameters():
+                if self.lora is not None and not p.requires_grad:
+                    continue
                 whole = (
                     deepspeed.zero.GatheredParameters([p], modifier_rank=0)
                     if zero3
@@ -470,11 +519,30 @@ class LearnerRank:
                     p.add_(noise.to(p.dtype).to(p.device) * scale)
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+        # LoRA: the adapter and its optimizer state; the frozen base is the model folder's, read again on resume.
+        frozen_out = self.lora is not None
+        self.engine.save_checkpoint(
+            directory, tag=tag, client_state=client_state, exclude_frozen_parameters=frozen_out
+        )
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        _, client_state = self.engine.load_checkpoint(
+            directory, tag=tag, load_module_strict=self.lora is None
+        )
         return client_state or {}
+
+    def export_adapter(self, directory: str) -> None:
+        """The adapter in PEFT's format (adapter_model.safetensors, adapter_config.json), written by rank 0;
+        under ZeRO-3 every rank joins the gathers."""
+        from learner.lora import adapter_params, write_adapter
+
+        zero3, tensors = self.learner.zero_stage == 3, {}
+        for name, p in adapter_params(self.engine.module):
+            with _gathered(p, zero3):
+                if self.rank == 0:
+                    tensors[name] = p.data.detach().to("cpu", copy=True)
+        if self.rank == 0:
+            write_adapter(directory, tensors, self.adapter_config())
 
     def export_hf(self, directory: str, tokenizer_from: str, shard_bytes: int = EXPORT_SHARD_BYTES) -> None:
         """A Hugging Face folder that transformers and vLLM load as they are (safetensors, sharded past
@@ -493,9 +561,10 @@ class LearnerRank:
         module, zero3, writer = self.engine.module, self.learner.zero_stage == 3, self.rank == 0
         if not (zero3 or writer):
             return
-        named = list(module.named_parameters())  # a shared (tied) parameter once, under its first name
+        plan = _export_plan(module, self.lora is not None)  # a shared (tied) parameter once, its first name
         shards = _shard_plan(
-            [(p.ds_numel if zero3 else p.numel()) * p.element_size() for _, p in named], shard_bytes
+            [(p[0].ds_numel if zero3 else p[0].numel()) * p[0].element_size() for _, p, _ in plan],
+            shard_bytes,
         )
         files = (
             ["model.safetensors"]
@@ -510,12 +579,13 @@ class LearnerRank:
         for file, shard in zip(files, shards):
             tensors: dict[str, torch.Tensor] = {}
             for i in shard:
-                name, p = named[i]
-                with _gathered(p, zero3):
+                name, params, value = plan[i]
+                with _gathered(params, zero3):
                     if writer:
                         # A copy: the gathered tensor is released at once (ZeRO-3), and at ZeRO-1/2 the
                         # parameters are views into DeepSpeed's flat buffer, which safetensors refuses.
-                        tensors[name] = p.data.detach().to("cpu", copy=True).contiguous()
+                        whole = value(*(p.data.detach() for p in params))
+                        tensors[name] = whole.to("cpu", copy=True).contiguous()
             if writer:
                 save_file(tensors, str(out / file), metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(tensors, file))
@@ -526,6 +596,8 @@ class LearnerRank:
         if len(files) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if self.lora is not None:
+            module = module.get_base_model()
         module.config.save_pretrained(directory)
         if module.can_generate() and module.generation_config is not None:
             module.generation_config.save_pretrained(directory)
@@ -547,12 +619,21 @@ def _shard_plan(sizes: list[int], shard_bytes: int) -> list[list[int]]:
     return shards
 
 
-def _gathered(p: torch.nn.Parameter, zero3: bool):
-    """The whole parameter on every rank for the block (a collective), under ZeRO-3; else nothing to do."""
+def _export_plan(module: torch.nn.Module, lora: bool) -> list[tuple[str, list, Any]]:
+    """Per tensor an HF export writes: (name, the parameters it is made of, a function of them to it)."""
+    if lora:
+        from learner.lora import export_plan
+
+        return export_plan(module)
+    return [(name, [p], lambda w: w) for name, p in module.named_parameters()]
+
+
+def _gathered(p: torch.nn.Parameter | list[torch.nn.Parameter], zero3: bool):
+    """The whole parameter(s) on every rank for the block (a collective), under ZeRO-3; else nothing to do."""
     import contextlib
 
     if not zero3:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(p if isinstance(p, list) else [p], modifier_rank=None)

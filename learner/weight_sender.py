@@ -80,7 +80,8 @@ class EngineFleetClient:
     number, and `update_weights` carries `pending_checksum` (whether this update is hashed).
 
     `transports`: per engine, NETWORK (in the gloo group; the default) or SHARED_MEMORY (maps `segment`,
-    the sender's (path, bytes), and is not in the group).
+    the sender's (path, bytes), and is not in the group). `adapter`: LoRA runs, the adapter_config.json of
+    the adapter the updates carry (the engines then load what they receive as that adapter).
     """
 
     def __init__(
@@ -89,8 +90,10 @@ class EngineFleetClient:
         workers_per_engine: int = 1,
         timeout_s: float = TRANSFER_TIMEOUT_S,
         transports: list[str] | None = None,
+        adapter: str | None = None,
     ) -> None:
         self.handles = handles
+        self.adapter = adapter
         self.workers_per_engine = workers_per_engine
         self.timeout_s = timeout_s
         self.transports = transports or [NETWORK] * len(handles)
@@ -118,7 +121,7 @@ class EngineFleetClient:
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         refs, in_group = [], 0
         for h, transport in zip(self.handles, self.transports):
-            info = {**init_info, "transport": transport}
+            info = {**init_info, "transport": transport, "adapter": self.adapter}
             if transport == SHARED_MEMORY:
                 info["segment_path"], info["segment_bytes"] = self.segment
             else:
@@ -581,31 +584,41 @@ def describe_update(meta: list[ParamMeta]) -> DuetHostUpdateInfo:
 
 
 class ZeroModuleSource(WeightSource):
-    """The learner's parameters in Hugging Face names, gathered from ZeRO-3 shards when needed.
+    """The learner's parameters in Hugging Face names, gathered from ZeRO-3 shards when needed; with
+    `adapter_only` (LoRA runs) the adapter's parameters alone, under PEFT's saved names (learner.lora).
 
     ZeRO 0/1/2 keep full parameters on every rank; ZeRO-3 partitions them, so each one is gathered
     (a collective over the learner group) just before it is sent and released right after.
     """
 
-    def __init__(self, module: torch.nn.Module, zero_stage: int) -> None:
+    def __init__(self, module: torch.nn.Module, zero_stage: int, adapter_only: bool = False) -> None:
         self.module = module
         self.zero3 = zero_stage == 3
+        self.adapter_only = adapter_only
+
+    def _named(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        if self.adapter_only:
+            from learner.lora import adapter_params
+
+            yield from adapter_params(self.module)
+        else:
+            yield from self.module.named_parameters()
 
     def metadata(self) -> list[ParamMeta]:
         out = []
-        for name, p in self.module.named_parameters():
+        for name, p in self._named():
             shape = tuple(p.ds_shape) if self.zero3 else tuple(p.shape)
             out.append(ParamMeta(name, p.dtype, shape))
         return out
 
     def __iter__(self):
         if not self.zero3:
-            for name, p in self.module.named_parameters():
+            for name, p in self._named():
                 yield name, p.data
             return
         import deepspeed
 
-        for name, p in self.module.named_parameters():
+        for name, p in self._named():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 yield name, p.data.clone()
 

@@ -111,6 +111,12 @@ def _install_guards() -> None:
     # caching it; libraries ask at import (mlflow's telemetry, through transformers). Ask first, so that
     # probe is not taken for a test starting a process.
     platform.processor()
+    # matplotlib builds its font cache by running `fc-list` the first time its font manager loads (a
+    # fresh machine's first plot); build it here, before the guards, for the same reason.
+    try:
+        import matplotlib.font_manager  # noqa: F401
+    except ImportError:
+        pass
 
     def execute_child(self: subprocess.Popen, args: object, *rest: object, **kw: object) -> None:
         _refuse(f"subprocess.Popen({args!r})")

@@ -111,3 +111,26 @@ def test_config_reference_is_current():
     from cluster.config import config_reference
 
     assert config_reference() in (REPO / "docs" / "CONFIG.md").read_text()
+
+
+def test_greedy_sampling_with_several_samples_is_refused(capsys):
+    err = _fails(capsys, "eval.temperature=0")
+    assert "eval.temperature=0" in err and "eval.samples_per_prompt is 4" in err
+    err = _fails(capsys, "rollout.temperature=0")
+    assert "rollout.temperature=0" in err and "rollout.group_size is 2" in err
+
+
+def test_lora_target_the_model_lacks_is_named(capsys, tmp_path):
+    """Issue 26: checked against the model's own layers (its config, no weights read) before anything starts."""
+    from learner.tiny_model import tiny_config
+
+    tiny_config().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    err = _fails(
+        capsys, f"model.path={tmp_path}", "learner.lora.rank=8", "learner.lora.target_modules=[qkv_proj]"
+    )
+    assert "learner.lora.target_modules" in err and "no linear layer named 'qkv_proj'" in err
+    err = _fails(
+        capsys, f"model.path={tmp_path}", "learner.lora.rank=512", "learner.lora.target_modules=[q_proj]"
+    )
+    assert "learner.lora.rank=512 is larger than the q_proj layers allow" in err

@@ -54,7 +54,7 @@ def test_duet_train_default_three_steps(tmp_path, model_cache, tiny_model):
     # it, and DeepSpeed's checkpoint is the unpartitioned one (no per-rank optimizer partitions).
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["learner"]["zero_stage"] == 0
     state = json.loads((final / "driver_state.json").read_text())
-    assert state["learner"] == {"zero_stage": 0, "num_ranks": 1}
+    assert state["learner"] == {"zero_stage": 0, "num_ranks": 1, "lora_rank": 0, "lora_targets": None}
     written = [p.name for p in (final / "deepspeed").rglob("*.pt")]
     assert written and not [n for n in written if "zero_pp_rank" in n], written
 
