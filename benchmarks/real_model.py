@@ -316,6 +316,7 @@ def learner_steps(args: argparse.Namespace, batch: list[dict], overrides: tuple[
 
     from cluster.config import load_config
     from cluster.records import Completion, Prompt, ScoredGroup
+    from cluster.runtime import resolve_lora_targets
     from learner.group import LearnerGroup
 
     cfg = load_config(
@@ -328,6 +329,7 @@ def learner_steps(args: argparse.Namespace, batch: list[dict], overrides: tuple[
             *overrides,
         ]
     )
+    resolve_lora_targets(cfg, args.model)  # a LoRA variant: its target layers, as `duet train` resolves them
     groups = []
     for g in range(args.prompts):
         rows = [b for b in batch if b["prompt_index"] == g]

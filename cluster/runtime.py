@@ -134,6 +134,28 @@ def resolve_lora_targets(cfg: Config, model_path: str) -> None:
         lora.target_modules = targets_of(model_path, lora.rank, lora.target_modules)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    architecture = _engine_without_lora(model_path)
+    if architecture is not None:
+        raise ConfigError(
+            f"learner.lora.rank={lora.rank}: vLLM's {architecture} does not serve LoRA adapters, so the "
+            "engines could not serve what the learner trains; set learner.lora.rank=0 (full weights)"
+        )
+
+
+def _engine_without_lora(model_path: str) -> str | None:
+    """The model's vLLM architecture when vLLM has it and it cannot serve adapters (it would refuse at engine
+    start, "does not support LoRA yet"); None otherwise (an architecture vLLM lacks is vLLM's own error)."""
+    architectures = json.loads((Path(model_path) / "config.json").read_text()).get("architectures") or []
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    for architecture in architectures:
+        # vLLM has no public "does this architecture take LoRA" query; its engine asks supports_lora() of
+        # the class the registry resolves, the same lookup as here.
+        model_cls = ModelRegistry._try_load_model_cls(architecture)
+        if model_cls is not None:
+            return None if supports_lora(model_cls) else architecture
+    return None
 
 
 # What a run leaves in its folder: any of these means the folder holds a run already.

@@ -134,3 +134,18 @@ def test_lora_target_the_model_lacks_is_named(capsys, tmp_path):
         capsys, f"model.path={tmp_path}", "learner.lora.rank=512", "learner.lora.target_modules=[q_proj]"
     )
     assert "learner.lora.rank=512 is larger than the q_proj layers allow" in err
+
+
+@pytest.mark.integration  # vLLM's model classes probe the platform with a subprocess (`file`) on import
+def test_lora_on_a_model_vllm_serves_without_adapters_is_refused(capsys, tmp_path):
+    """Issue 26: vLLM's Mamba takes no LoRA (its engine would refuse at start); refused before any actor."""
+    from transformers import MambaConfig
+
+    config = MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4)
+    config.architectures = ["MambaForCausalLM"]
+    config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    err = _fails(
+        capsys, f"model.path={tmp_path}", "learner.lora.rank=8", "learner.lora.target_modules=[out_proj]"
+    )
+    assert "learner.lora.rank=8" in err and "MambaForCausalLM does not serve LoRA" in err, err
