@@ -105,6 +105,29 @@ class AdapterReceiver:
 
 
 # ---------------------------------------------------------------- duet_host: through host memory
+def repack_tied_layers(model: torch.nn.Module) -> int:
+    """Layers whose weight is another layer's parameter (an output layer tied to the embedding) have
+    their weights processed again after a reload; how many. vLLM's CPU layers multiply with a packed copy
+    of their weight made at load (`dispatch_cpu_unquantized_gemm`, from `process_weights_after_loading`),
+    and its layerwise reload repacks only the layers that loaded something. A tied output layer loads
+    nothing itself (the checkpoint has no lm_head), so without this it would keep computing logits from
+    the first weights while the embedding it shares moves on. On GPUs the unquantized step is a no-op."""
+    owner: dict[int, torch.nn.Module] = {}
+    repacked = 0
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        if id(weight) not in owner:
+            owner[id(weight)] = module
+            continue
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
+
+
 @dataclass
 class DuetHostInitInfo(WeightTransferInitInfo):
     master_address: str  # the gloo group's rendezvous, on learner rank 0's node
@@ -245,6 +268,7 @@ class DuetHostWeightTransferEngine(
         t0 = time.perf_counter()
         if self.adapter is None:
             finalize_layerwise_reload(self.model, self.model_config)
+            repack_tied_layers(self.model)
         self.stats["finalize_s"] = time.perf_counter() - t0
         self.reload_open = False
         self._finish_digest()

@@ -71,6 +71,40 @@ def perturb_model(model, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def test_tied_output_layer_serves_the_embedding_it_shares_after_updates(local_ray, tiny_model, tmp_path):
+    """A model whose output layer is its embedding (tie_word_embeddings: SmolLM2, Qwen2.5 up to 3B): the
+    checkpoint and every update carry the embedding only. vLLM's CPU layers compute from a copy of their
+    weight packed at load, and its reload repacks only the layers it loaded, so the tied output layer kept
+    the first weights: on SmolLM2 the engine/learner log-prob gap grew by about 1e-3 per update
+    (benchmarks/lora.py's full-weight run). After two updates the engine's log-probs are the model's."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from learner.weight_sender import EngineFleetClient
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_model, tied)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tied)  # the embedding only: no lm_head.weight in the file
+    model = AutoModelForCausalLM.from_pretrained(str(tied), dtype=torch.float32).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    ray = local_ray
+    engine = start_engine(ray, tied)
+    sender = open_sender(model, EngineFleetClient([engine]), bucket_bytes=1 << 16)
+    assert "lm_head.weight" not in [m.name for m in sender.source.metadata()]  # sent once, as the embedding
+    for version in (1, 2):
+        perturb_model(model, version)
+        sender.send_weights(str(version), checksum=True)
+        assert ray.get(engine.received_digest.remote()) == [sender.last_digest]
+    assert_samples_from(ray, engine, model, version=2, prompts=3)
+    sender.shutdown()
+    ray.get(engine.shutdown.remote())
+
+
 def test_same_node_engine_reads_shared_memory_beside_a_network_engine(local_ray, tiny_model):
     """Issue 24: an engine on learner rank 0's node maps the sender's shared-memory segment, another
     receives over the gloo group, in the same updates (the segment is then the broadcast's staging). Both
