@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository first (see benchmarks/real_model.py)
 
 from benchmarks.common import RESULTS, provenance  # noqa: E402
-from benchmarks.real_model import RAY_WORKER_NICE, _load_avg, learner_steps, run_child  # noqa: E402
+from benchmarks.real_model import RAY_WORKER_NICE, _load_avg, learner_steps, run_child, vllm_prompts  # noqa: E402
 
 GOALS = {"lora_memory_ratio_max": 1.0, "lora_update_bytes_ratio_max": 0.1}
 MMAP_THRESHOLD_VAR, MMAP_THRESHOLD_BYTES = "MALLOC_MMAP_THRESHOLD_", 65536
@@ -57,20 +57,11 @@ GIB = 1 << 30
 def child_generate(args: argparse.Namespace) -> dict:
     """reps + 1 calls of vLLM's offline generate (the first a warm-up), every completion max_tokens long;
     with `--lora-rank R`: enable_lora as RolloutEngine sets it and a random rank-R adapter on every request."""
-    from cluster.placement import cpu_engine_env
-
-    os.environ.update(cpu_engine_env(f"0-{args.threads - 1}" if args.threads > 1 else "0"))
+    prompts = vllm_prompts(args)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from vllm import LLM, SamplingParams
 
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
-    tok = AutoTokenizer.from_pretrained(args.model)
-    prompts = [
-        {"prompt_token_ids": tok(r["problem"], add_special_tokens=False)["input_ids"]}
-        for r in rows[: args.prompts]
-        for _ in range(args.group_size)
-    ]
     lora_args, request = {}, None
     tmp = tempfile.TemporaryDirectory(prefix="duet-lora-bench-")
     if args.lora_rank:

@@ -145,24 +145,31 @@ def child_generate(args: argparse.Namespace) -> dict:
     }
 
 
+def vllm_prompts(args: argparse.Namespace) -> list[dict]:
+    """The engine's CPU settings put in this process's environment (its threads on the reference's cores),
+    then `args.prompts` rows of `args.data`, each `args.group_size` times, as token-id prompts for vLLM."""
+    from cluster.placement import cpu_engine_env
+
+    os.environ.update(cpu_engine_env(f"0-{args.threads - 1}" if args.threads > 1 else "0"))
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
+    tok = AutoTokenizer.from_pretrained(args.model)
+    return [
+        {"prompt_token_ids": tok(r["problem"], add_special_tokens=False)["input_ids"]}
+        for r in rows[: args.prompts]
+        for _ in range(args.group_size)
+    ]
+
+
 def child_generate_vllm(args: argparse.Namespace) -> dict:
     """vLLM's offline generation (`vllm.LLM`, the engine duet-rl's RolloutEngine runs, on the same CPU
     settings: its threads on the reference's cores, 1 GiB of KV cache, the worker in the engine's process)
     of the same prompts × group_size completions, sampled at temperature 1 up to max_tokens; reps + 1
     calls, the first a warm-up. Writes nothing: the batch of the other references is transformers'."""
-    from cluster.placement import cpu_engine_env
-
-    os.environ.update(cpu_engine_env(f"0-{args.threads - 1}" if args.threads > 1 else "0"))
-    from transformers import AutoTokenizer
+    prompts = vllm_prompts(args)
     from vllm import LLM, SamplingParams
 
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
-    tok = AutoTokenizer.from_pretrained(args.model)
-    prompts = [
-        {"prompt_token_ids": tok(r["problem"], add_special_tokens=False)["input_ids"]}
-        for r in rows[: args.prompts]
-        for _ in range(args.group_size)
-    ]
     t0 = time.perf_counter()
     llm = LLM(
         model=args.model,

@@ -77,6 +77,24 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def run_ranks(procs: list, timeout_s: float = 300.0) -> list[int | None]:
+    """Start `procs` (multiprocessing processes, one per rank), wait for all of them within `timeout_s` in
+    all, and kill the ones still running: a rank that failed leaves its peers waiting in a collective, so
+    none outlives the test. Their exit codes (-9: still running at the deadline, killed)."""
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    return [p.exitcode for p in procs]
+
+
 def wait_for(
     cond: Callable[[], T],
     timeout_s: float = 300.0,

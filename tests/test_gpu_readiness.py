@@ -232,7 +232,7 @@ def test_zero3_learner_loads_partitioned_and_exports_shard_by_shard_from_rank_0(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.helpers import free_port
+    from tests.helpers import free_port, run_ranks
 
     ctx = multiprocessing.get_context("spawn")
     port, out = free_port(), tmp_path / "export" / "hf"
@@ -242,18 +242,7 @@ def test_zero3_learner_loads_partitioned_and_exports_shard_by_shard_from_rank_0(
         )
         for r in range(2)
     ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 300
-    try:
-        for p in procs:
-            p.join(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:  # a rank that failed leaves its peer waiting in a collective: none outlives the test
-            if p.is_alive():
-                p.kill()
-                p.join(10)
-    assert [p.exitcode for p in procs] == [0, 0], (
+    assert run_ranks(procs, timeout_s=300) == [0, 0], (
         "rank exit codes (-9: still running after 300 s, killed); their stderr is above"
     )
     seen = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]

@@ -344,12 +344,11 @@ def test_lora_learner_at_zero_stage_over_two_ranks(tmp_path, tiny_model, stage):
     state partitioned per rank), and the exports agree: PEFT's merge of the adapter folder onto the base
     is the merged hf/ export."""
     import multiprocessing
-    import time
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tests.helpers import free_port
+    from tests.helpers import free_port, run_ranks
 
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
@@ -357,18 +356,7 @@ def test_lora_learner_at_zero_stage_over_two_ranks(tmp_path, tiny_model, stage):
         ctx.Process(target=_lora_rank, args=(r, 2, stage, port, str(tiny_model), str(tmp_path)))
         for r in (0, 1)
     ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 300
-    try:
-        for p in procs:
-            p.join(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
-    assert [p.exitcode for p in procs] == [0, 0], "rank exit codes (-9: killed after 300 s); stderr above"
+    assert run_ranks(procs, timeout_s=300) == [0, 0], "rank exit codes (-9: killed after 300 s); stderr above"
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["kl"][0] == 0.0 and result["kl"][-1] > 0.0, result["kl"]
     assert result["restored"]
